@@ -1,0 +1,74 @@
+"""The Lens stages as functions of a recipe: probe, train, eval (used by the CLI and ``run``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lens_merge.config import Recipe
+from lens_merge.data import load_prompts
+from lens_merge.delta import DELTA_META, LensDelta
+from lens_merge.evaluate import EvalResult, effect_summary, evaluate, write_report
+from lens_merge.probe import Subspace, probe
+from lens_merge.progress import NULL, Progress
+from lens_merge.provenance import canonical_hash, write_json_atomic
+from lens_merge.train import TrainResult, train
+
+
+def run_probe(recipe: Recipe, out_dir: str | Path, progress: Progress = NULL) -> Subspace:
+    """Probe the recipe's base model on its probing texts; save and return the subspace."""
+    from lens_merge.checkpoint import Checkpoint
+    from lens_merge.models import load_model, load_tokenizer, resolve_model
+
+    model_dir = resolve_model(recipe.base, progress=True)
+    texts_set = load_prompts(recipe.data.probe, recipe.languages, split="train",
+                             max_samples=recipe.data.max_probe_samples)
+    model = load_model(model_dir, dtype="fp32", device=recipe.device)
+    tok = load_tokenizer(model_dir)
+    texts = {lang: texts_set.texts(lang) for lang in recipe.languages}
+    meta = {"model": {"ref": recipe.base, "path": str(model_dir),
+                      "config_sha256": canonical_hash(Checkpoint.open(model_dir).config())},
+            "data": {"source": texts_set.source}}
+    sub = probe(model, tok, texts, pooling=recipe.probe.pooling, rank=recipe.probe.rank,
+                max_length=recipe.data.max_length, batch_size=recipe.probe.batch_size,
+                chat_template=recipe.probe.chat_template, meta=meta, progress=progress)
+    sub.save(out_dir)
+    return sub
+
+
+def run_train(recipe: Recipe, subspace: Subspace, work_dir: str | Path,
+              progress: Progress = NULL) -> TrainResult:
+    """Train on the recipe's parallel prompts; returns the result with the (unsaved) delta."""
+    from lens_merge.models import resolve_model
+
+    model_dir = resolve_model(recipe.base, progress=True)
+    prompts = load_prompts(recipe.data.train, recipe.languages, split="train",
+                           max_samples=recipe.data.max_train_samples)
+    return train(model_dir, subspace, prompts, recipe.train, work_dir,
+                 max_length=recipe.data.max_length, chat_template=recipe.probe.chat_template,
+                 base_ref=recipe.base, cpu=recipe.device == "cpu", progress=progress)
+
+
+def run_eval(recipe: Recipe, delta: LensDelta, subspace: Subspace, out_dir: str | Path,
+             progress: Progress = NULL) -> dict:
+    """Evaluate base vs base+delta on held-out prompts; writes the report files into out_dir."""
+    from lens_merge.models import resolve_model
+
+    model_dir = resolve_model(recipe.base, progress=True)
+    prompts = load_prompts(recipe.data.eval, delta.languages or recipe.languages,
+                           split="heldout", max_samples=recipe.data.max_eval_samples)
+    result: EvalResult = evaluate(model_dir, delta, subspace, prompts,
+                                  max_length=recipe.data.max_length,
+                                  batch_size=recipe.eval.batch_size,
+                                  max_new_tokens=recipe.eval.max_new_tokens,
+                                  chat_template=recipe.probe.chat_template, progress=progress)
+    write_report(result, out_dir)
+    return result.report
+
+
+def record_effect(delta_dir: str | Path, report: dict) -> None:
+    """Record the measured effect in a saved delta's json (rewritten atomically)."""
+    p = Path(delta_dir) / DELTA_META
+    meta = json.loads(p.read_text())
+    meta["effect"] = effect_summary(report)
+    write_json_atomic(p, meta)
