@@ -141,7 +141,6 @@ class LensDelta:
             base_hashes: sha256 of each base tensor's stored bytes.
             meta: provenance fields merged into the delta's json.
         """
-        import torch
 
         tensors: dict[str, torch.Tensor] = {}
         records: dict[str, dict] = {}

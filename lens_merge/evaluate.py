@@ -47,7 +47,8 @@ def _measure(model, tok, prompts: PromptSet, max_length: int, batch_size: int,
             zs, ls, rs = [], [], []
             for chunk in batches(prompts.texts(lang), batch_size):
                 enc = encode(tok, chunk, max_length, chat_template)
-                out = model(**enc, output_hidden_states=True, use_cache=False)
+                out = model(**enc, output_hidden_states=True, use_cache=False,
+                        logits_to_keep=1)
                 zs.append(out.hidden_states[-1][:, -1].float())
                 if lang == langs[0]:
                     ls.append(out.logits[:, -1].float())

@@ -82,7 +82,8 @@ def pooled_states(
         for chunk in batches(list(texts), batch_size):
             enc = encode(tokenizer, chunk, max_length, chat_template)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            out = model(**enc, output_hidden_states=True, use_cache=False)
+            out = model(**enc, output_hidden_states=True, use_cache=False,
+                        logits_to_keep=1)
             hs = torch.stack(out.hidden_states[1:], 0)  # [N, B, T, d]
             n, b, t, d = hs.shape
             pooled = pool(hs.reshape(n * b, t, d), enc["attention_mask"].repeat(n, 1), pooling)

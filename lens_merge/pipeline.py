@@ -314,7 +314,8 @@ STAGES: tuple[Stage, ...] = (
           lambda ctx: bool(ctx.recipe.export.gguf and ctx.recipe.export.gguf.outtypes)),
     Stage("onnx", ("onnx", "report/onnx_verify.json"), _onnx_inputs, _onnx_run,
           lambda ctx: bool(ctx.recipe.export.onnx and ctx.recipe.export.onnx.enabled)),
-    Stage("card", ("README.md",), _card_inputs, _card_run),
+    Stage("card", ("README.md", "report/states_2d.png", "report/losses.png"), _card_inputs,
+          _card_run),
     Stage("push", (), _push_inputs, _push_run,
           lambda ctx: bool(ctx.push and ctx.recipe.release.repo_id)),
 )

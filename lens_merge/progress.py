@@ -53,11 +53,18 @@ class RichProgress:
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[_RichTask]:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.fields[info]}"),
                        console=Console(stderr=True), disable=self.disable, transient=False)
         with bar:
             tid = bar.add_task(description, total=total, info="")

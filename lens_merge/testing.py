@@ -87,7 +87,7 @@ def build_random_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
     with torch.no_grad():  # non-trivial norm weights, so errors in norms show up
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model = model.to(torch_dtype(dtype))

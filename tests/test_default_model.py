@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lens_merge.data import load_prompts
 from lens_merge.config import DEFAULT_LANGUAGES
+from lens_merge.data import load_prompts
 from tests.conftest import requires_llama
 
 pytestmark = pytest.mark.slow

@@ -158,6 +158,7 @@ def available_languages(source: str) -> list[str]:
     raw, _ = _read_rows(source)
     keys = None
     for _, obj in raw:
-        ks = {k for k, v in obj.items() if isinstance(v, str) and k not in ("id", "split", "output")}
+        ks = {k for k, v in obj.items()
+              if isinstance(v, str) and k not in ("id", "split", "output")}
         keys = ks if keys is None else keys & ks
     return sorted(keys or [])

@@ -114,7 +114,8 @@ def build_cache(
             for chunk in batches(prompts.texts(lang), batch_size):
                 enc = encode(tokenizer, chunk, max_length, chat_template)
                 enc = {k: v.to(model.device) for k, v in enc.items()}
-                out = model(**enc, output_hidden_states=True, use_cache=False)
+                out = model(**enc, output_hidden_states=True, use_cache=False,
+                        logits_to_keep=1)
                 h_in = out.hidden_states[first].float() / input_scale
                 h_fin = out.hidden_states[-1].float()
                 lens = enc["attention_mask"].sum(1).tolist()

@@ -34,7 +34,8 @@ def naive_losses(
     def final(m, lang, grad):
         enc = encode(tokenizer, [r[lang] for r in rows], max_length, chat_template)
         with torch.set_grad_enabled(grad):
-            out = m(**enc, output_hidden_states=True, use_cache=False)
+            out = m(**enc, output_hidden_states=True, use_cache=False,
+                        logits_to_keep=1)
         return out.hidden_states[-1], enc["attention_mask"]
 
     sub = subspace.layer(-1)
