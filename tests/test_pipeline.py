@@ -22,7 +22,7 @@ def _recipe(tmp_path, base, **over) -> Recipe:
                  "max_eval_samples": 4},
         "train": {"top_k": 2, "lr": 1e-3, "epochs": 1, "batch_size": 4, "grad_accum": 1},
         "eval": {"max_new_tokens": 4},
-        "export": {"gguf": {"outtypes": ["f16"], "verify": True}, "onnx": None},
+        "export": {"gguf": {"outtypes": ["f32"], "verify": True}, "onnx": None},
     }
     d.update(over)
     return Recipe.model_validate(d)
@@ -38,7 +38,7 @@ def test_run_all_stages_then_skip_then_force(tmp_path, tiny_model):
                       "push": "disabled"}
     root = r.release_dir
     for rel in ("README.md", "recipe.yaml", "delta/lens_delta.json", "model/config.json",
-                "model/lens_merge.json", "gguf/Tiny-Lens-F16.gguf", "report/lens_report.json",
+                "model/lens_merge.json", "gguf/Tiny-Lens-F32.gguf", "report/lens_report.json",
                 "report/train_log.jsonl", "report/fold_verify.json", "report/gguf_verify.json",
                 "report/subspace/subspace.json", "report/run.json"):
         assert (root / rel).is_file(), rel
