@@ -47,6 +47,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, ensure_ascii=False, default=str)
             fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; provenance is meant to be read by anyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
