@@ -87,6 +87,26 @@ def shard_metadata(path: Path) -> dict[str, str]:
     return dict(header.get("__metadata__") or {})
 
 
+def read_index(idx: Path) -> tuple[dict[str, str], list[str], dict]:
+    """Read a sharded checkpoint's index (safetensors or pickle).
+
+    Returns:
+        (tensor name -> shard file name, sorted shard file names, the index's metadata).
+
+    Raises:
+        ModelError: no ``weight_map`` object, or a shard it names is missing.
+    """
+    data = json.loads(idx.read_text())
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelError(f"{idx}: no 'weight_map' object")
+    names = sorted(set(weight_map.values()))
+    for n in names:
+        if not (idx.parent / n).is_file():
+            raise ModelError(f"{idx}: names shard {n}, which is missing")
+    return dict(weight_map), names, dict(data.get("metadata") or {})
+
+
 @dataclass
 class Checkpoint:
     """A Hugging Face model directory whose weights are safetensors, one or many shards."""
@@ -109,16 +129,8 @@ class Checkpoint:
             raise ModelError(f"{root}: not a directory (expected a Hugging Face model directory)")
         idx = root / SAFE_INDEX
         if idx.is_file():
-            data = json.loads(idx.read_text())
-            weight_map = data.get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ModelError(f"{idx}: no 'weight_map' object")
-            names = sorted(set(weight_map.values()))
-            shards = [root / n for n in names]
-            for s in shards:
-                if not s.is_file():
-                    raise ModelError(f"{idx}: names shard {s.name}, which is missing")
-            return cls(root, shards, dict(weight_map), dict(data.get("metadata") or {}))
+            weight_map, names, metadata = read_index(idx)
+            return cls(root, [root / n for n in names], weight_map, metadata)
         single = root / SAFE_SINGLE
         if single.is_file():
             entries = shard_entries(single)

@@ -40,6 +40,7 @@ from lens_merge.checkpoint import (
     Checkpoint,
     TensorEntry,
     hash_entry,
+    read_index,
     read_safetensors_header,
     shard_entries,
 )
@@ -245,16 +246,8 @@ def _open_source(root: Path, allow_pickle: bool) -> _Source:
 def _open_pickle(root: Path) -> _Source:
     idx = root / PICKLE_INDEX
     if idx.is_file():
-        data = json.loads(idx.read_text())
-        wm = data.get("weight_map")
-        if not isinstance(wm, dict):
-            raise ModelError(f"{idx}: no 'weight_map' object")
-        shards = sorted(set(wm.values()))
-        for s in shards:
-            if not (root / s).is_file():
-                raise ModelError(f"{idx}: names shard {s}, which is missing")
-        return _Source(root, "pickle", shards, dict(wm), PICKLE_INDEX,
-                       dict(data.get("metadata") or {}))
+        wm, shards, metadata = read_index(idx)
+        return _Source(root, "pickle", shards, wm, PICKLE_INDEX, metadata)
     state = _load_pickle(root / PICKLE_SINGLE)
     return _Source(root, "pickle", [PICKLE_SINGLE], {n: PICKLE_SINGLE for n in state}, None, {})
 
