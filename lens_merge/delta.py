@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lens_merge.errors import DeltaError
-from lens_merge.provenance import now_iso, tool_info, write_json_atomic
+from lens_merge.provenance import now_iso, ordinary_permissions, tool_info, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,7 @@ class LensDelta:
             save_file(tensors, str(tmp / DELTA_WEIGHTS),
                       metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
             write_json_atomic(tmp / DELTA_META, meta)
+            ordinary_permissions(tmp)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)

@@ -37,6 +37,11 @@ class EvalResult:
 
 def _measure(model, tok, prompts: PromptSet, max_length: int, batch_size: int,
              max_new_tokens: int, chat_template: bool, progress: Progress, label: str):
+    """Final last-token states, English next-token logits and greedy replies.
+
+    One prefill per batch: with generation on, the prompt's states and the first-token logits
+    come from ``generate``'s own prefill step instead of a second forward.
+    """
     import torch
 
     states, logits, replies = {}, None, {}
@@ -47,18 +52,24 @@ def _measure(model, tok, prompts: PromptSet, max_length: int, batch_size: int,
             zs, ls, rs = [], [], []
             for chunk in batches(prompts.texts(lang), batch_size):
                 enc = encode(tok, chunk, max_length, chat_template)
-                out = model(**enc, output_hidden_states=True, use_cache=False,
-                        logits_to_keep=1)
-                zs.append(out.hidden_states[-1][:, -1].float())
-                if lang == langs[0]:
-                    ls.append(out.logits[:, -1].float())
+                enc = {k: v.to(model.device) for k, v in enc.items()}
                 if max_new_tokens > 0:
                     gen = model.generate(input_ids=enc["input_ids"],
                                          attention_mask=enc["attention_mask"],
                                          max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tok.pad_token_id)
-                    new = gen[:, enc["input_ids"].shape[1]:]
+                                         pad_token_id=tok.pad_token_id,
+                                         output_hidden_states=True, output_logits=True,
+                                         return_dict_in_generate=True)
+                    z, first = gen.hidden_states[0][-1][:, -1], gen.logits[0]
+                    new = gen.sequences[:, enc["input_ids"].shape[1]:]
                     rs += tok.batch_decode(new, skip_special_tokens=True)
+                else:
+                    out = model(**enc, output_hidden_states=True, use_cache=False,
+                                logits_to_keep=1)
+                    z, first = out.hidden_states[-1][:, -1], out.logits[:, -1]
+                zs.append(z.float().cpu())
+                if lang == langs[0]:
+                    ls.append(first.float().cpu())
                 task.advance(len(chunk))
             states[lang] = torch.cat(zs)
             replies[lang] = rs

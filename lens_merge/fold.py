@@ -46,7 +46,7 @@ from lens_merge.checkpoint import (
 )
 from lens_merge.errors import DeltaError, FoldError, ModelError
 from lens_merge.progress import NULL, Progress
-from lens_merge.provenance import now_iso, tool_info, write_json_atomic
+from lens_merge.provenance import now_iso, ordinary_permissions, tool_info, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -496,6 +496,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
             out.rename(old)
         else:
             out.unlink()
+    ordinary_permissions(tmp)
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

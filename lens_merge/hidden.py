@@ -54,6 +54,17 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def pool_layers(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor,
+                pooling: Pooling) -> torch.Tensor:
+    """Pool HF ``hidden_states`` (embeddings first) at every block output: [N, B, d] fp32."""
+    import torch
+
+    hs = torch.stack(tuple(hidden_states[1:]), 0)  # [N, B, T, d]
+    n, b, t, d = hs.shape
+    pooled = pool(hs.reshape(n * b, t, d), mask.repeat(n, 1), pooling)
+    return pooled.reshape(n, b, d).float().cpu()
+
+
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -84,9 +95,6 @@ def pooled_states(
             enc = {k: v.to(model.device) for k, v in enc.items()}
             out = model(**enc, output_hidden_states=True, use_cache=False,
                         logits_to_keep=1)
-            hs = torch.stack(out.hidden_states[1:], 0)  # [N, B, T, d]
-            n, b, t, d = hs.shape
-            pooled = pool(hs.reshape(n * b, t, d), enc["attention_mask"].repeat(n, 1), pooling)
-            outs.append(pooled.reshape(n, b, d).float().cpu())
+            outs.append(pool_layers(out.hidden_states, enc["attention_mask"], pooling))
             task.advance(len(chunk))
     return torch.cat(outs, 1)

@@ -112,7 +112,7 @@ def _probe_inputs(ctx: Context) -> dict:
 def _probe_run(ctx: Context) -> dict:
     from lens_merge.stages import run_probe
 
-    sub = run_probe(ctx.recipe, ctx.p("report/subspace"), ctx.progress)
+    sub = run_probe(ctx.recipe, ctx.p("report/subspace"), ctx.progress, work_dir=ctx.p(".work"))
     return {"layers": sub.meta["num_layers"], "rank": sub.meta["rank"],
             "samples/lang": min(sub.meta["sample_counts"].values())}
 

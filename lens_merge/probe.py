@@ -150,6 +150,7 @@ def probe(
     chat_template: bool = True,
     meta: dict[str, Any] | None = None,
     progress: Progress = NULL,
+    precomputed: dict[str, torch.Tensor] | None = None,
 ) -> Subspace:
     """Probe a model: per-language mean states at every layer, then LSAR per layer.
 
@@ -160,6 +161,9 @@ def probe(
         rank: r; default L-1.
         max_length, batch_size, chat_template: see ``lens_merge.hidden``.
         meta: extra provenance merged into the result's json (model reference, config hash).
+        precomputed: pooled states ``[n_layers, len(texts[lang]), d]`` of some languages'
+            texts, taken from another forward pass over the same prompts (the training cache
+            pass); the other languages are run here.
 
     Returns:
         The fitted ``Subspace``.
@@ -176,8 +180,14 @@ def probe(
     for lang in languages:
         if not texts[lang]:
             raise DataError(f"probe: no texts for language {lang!r}")
-        states = pooled_states(model, tokenizer, texts[lang], pooling, max_length, batch_size,
-                               chat_template, progress, description=f"probe {lang}")
+        states = (precomputed or {}).get(lang)
+        if states is None:
+            states = pooled_states(model, tokenizer, texts[lang], pooling, max_length,
+                                   batch_size, chat_template, progress,
+                                   description=f"probe {lang}")
+        elif tuple(states.shape[1:2]) != (len(texts[lang]),):
+            raise DataError(f"probe: precomputed states of {lang!r} hold {states.shape[1]} "
+                            f"texts, expected {len(texts[lang])}")
         means.append(states.mean(1))  # [n_layers, d]
         counts[lang] = len(texts[lang])
     W = torch.stack(means, 1)  # [n_layers, L, d]
@@ -189,6 +199,7 @@ def probe(
         "num_layers": len(layers), "hidden_size": int(W.shape[-1]),
         "layers": "hidden_states[1:]; the last layer is after the final norm",
         "max_length": max_length, "chat_template": chat_template,
-        "texts_sha256": canonical_hash(texts), "created": now_iso(), "tool": tool_info(),
+        "texts_sha256": canonical_hash(texts),
+        "shared_pass": sorted(precomputed or {}), "created": now_iso(), "tool": tool_info(),
     })
     return Subspace(languages, layers, m)

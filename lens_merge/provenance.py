@@ -38,6 +38,24 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def ordinary_permissions(path: str | Path) -> None:
+    """Give a finished artifact the modes of ordinary files: 0666/0777 less the umask.
+
+    ``tempfile`` makes 0600 files and 0700 directories, and safetensors writes 0600 files;
+    a released model must be readable by the people it is shared with. Applies recursively
+    to a directory. Hardlinked files (``fold --link``) are left alone: their mode belongs to
+    the other name too.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    p = Path(path)
+    items = [p, *p.rglob("*")] if p.is_dir() else [p]
+    for f in items:
+        if f.is_symlink() or (f.is_file() and f.stat().st_nlink > 1):
+            continue
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
@@ -47,7 +65,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, ensure_ascii=False, default=str)
             fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; provenance is meant to be read by anyone
+        ordinary_permissions(tmp)  # mkstemp makes 0600; provenance is meant to be read by anyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

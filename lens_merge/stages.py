@@ -15,8 +15,14 @@ from lens_merge.provenance import canonical_hash, write_json_atomic
 from lens_merge.train import TrainResult, train
 
 
-def run_probe(recipe: Recipe, out_dir: str | Path, progress: Progress = NULL) -> Subspace:
-    """Probe the recipe's base model on its probing texts; save and return the subspace."""
+def run_probe(recipe: Recipe, out_dir: str | Path, progress: Progress = NULL,
+              work_dir: str | Path | None = None) -> Subspace:
+    """Probe the recipe's base model on its probing texts; save and return the subspace.
+
+    With ``work_dir`` (the training stage's), a probe whose texts are among the training
+    prompts shares one forward pass with the training cache, which is written there for the
+    train stage to reuse (see ``_shared_pass``).
+    """
     from lens_merge.checkpoint import Checkpoint
     from lens_merge.models import load_model, load_tokenizer, resolve_model
 
@@ -29,11 +35,60 @@ def run_probe(recipe: Recipe, out_dir: str | Path, progress: Progress = NULL) ->
     meta = {"model": {"ref": recipe.base, "path": str(model_dir),
                       "config_sha256": canonical_hash(Checkpoint.open(model_dir).config())},
             "data": {"source": texts_set.source}}
+    shared = (_shared_pass(recipe, model_dir, model, tok, texts, Path(work_dir), progress)
+              if work_dir is not None else None)
     sub = probe(model, tok, texts, pooling=recipe.probe.pooling, rank=recipe.probe.rank,
                 max_length=recipe.data.max_length, batch_size=recipe.probe.batch_size,
-                chat_template=recipe.probe.chat_template, meta=meta, progress=progress)
+                chat_template=recipe.probe.chat_template, meta=meta, progress=progress,
+                precomputed=shared)
     sub.save(out_dir)
     return sub
+
+
+def _shared_pass(recipe: Recipe, model_dir: Path, model, tok, texts: dict[str, list[str]],
+                 work_dir: Path, progress: Progress):
+    """Build the training cache now and take the probe's pooled states from the same pass.
+
+    Probing and caching both run the frozen model over prompts; when a language's probing
+    texts are all among its training prompts (the default recipe probes the first rows of
+    the training split), one pass serves both. Nothing is shared when the cache already
+    exists or no language is covered.
+
+    Returns:
+        ``{lang: [n_layers, len(texts[lang]), d]}`` for the covered languages, or None.
+    """
+    import torch
+
+    from lens_merge.architectures import for_config
+    from lens_merge.hidden import pool_layers
+    from lens_merge.train.cache import build_cache
+    from lens_merge.train.loop import cache_path_for, input_scale_of
+
+    prompts = load_prompts(recipe.data.train, recipe.languages, split="train",
+                           max_samples=recipe.data.max_train_samples)
+    path = cache_path_for(work_dir, model_dir, prompts, recipe.train, recipe.data.max_length,
+                          recipe.probe.chat_template)
+    if path.is_file():
+        return None
+    where = {}
+    for lang in recipe.languages:
+        row_of = {t: i for i, t in enumerate(prompts.texts(lang))}
+        if all(t in row_of for t in texts[lang]):
+            where[lang] = [row_of[t] for t in texts[lang]]
+    if not where:
+        return None
+    pooled: dict[str, list] = {lang: [] for lang in where}
+
+    def observe(lang, hidden_states, mask):
+        if lang in pooled:
+            pooled[lang].append(pool_layers(hidden_states, mask, recipe.probe.pooling))
+
+    cache = build_cache(model, tok, prompts, recipe.train.top_k, recipe.data.max_length,
+                        recipe.train.cache_batch_size, recipe.probe.chat_template,
+                        input_scale_of(model.config, for_config(model.config.to_dict())),
+                        progress, observe)
+    cache.save(path)
+    return {lang: torch.cat(pooled[lang], 1)[:, where[lang]] for lang in where}
 
 
 def run_train(recipe: Recipe, subspace: Subspace, work_dir: str | Path,

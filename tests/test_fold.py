@@ -499,6 +499,27 @@ def test_link_hardlinks_unchanged_shards(llama, llama_delta, tmp_path):
         assert os.stat(rep.out / s).st_ino != os.stat(llama / s).st_ino
 
 
+def test_outputs_have_ordinary_permissions(llama, llama_delta, tmp_path):
+    """safetensors and tempfile write 0600/0700; released artifacts follow the umask."""
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        delta_dir = llama_delta.save(tmp_path / "delta")
+        out = fold(llama, delta_dir, tmp_path / "out").out
+        base_modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in llama.iterdir()}
+        linked = fold(llama, delta_dir, tmp_path / "linked", link=True)
+    finally:
+        os.umask(umask)
+    for root in (delta_dir, out):
+        for f in [root, *root.rglob("*")]:
+            want = 0o755 if f.is_dir() else 0o644
+            assert stat.S_IMODE(f.stat().st_mode) == want, f
+    # hardlinked shards share their mode with the base: left untouched
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in llama.iterdir()} == base_modes
+    assert linked.linked
+
+
 def test_rewritten_shard_reads_back(llama, llama_delta, tmp_path):
     """The streamed writer's output is a valid safetensors file for an independent reader."""
     from safetensors import safe_open

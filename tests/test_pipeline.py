@@ -42,6 +42,10 @@ def test_run_all_stages_then_skip_then_force(tmp_path, tiny_model):
                 "report/train_log.jsonl", "report/fold_verify.json", "report/gguf_verify.json",
                 "report/subspace/subspace.json", "report/run.json"):
         assert (root / rel).is_file(), rel
+    # probe and cache shared one forward pass: the train stage found the cache built
+    assert {x.name: x.numbers for x in first}["train"]["cache"] == "reused"
+    sub_meta = json.loads((root / "report/subspace/subspace.json").read_text())
+    assert sub_meta["shared_pass"] == sorted(LANGS)
     delta_meta = json.loads((root / "delta/lens_delta.json").read_text())
     assert delta_meta["effect"]["summary"]["english_kl"] >= 0
     assert json.loads((root / "report/fold_verify.json").read_text())["passed"] is True
@@ -62,6 +66,27 @@ def test_run_all_stages_then_skip_then_force(tmp_path, tiny_model):
     assert changed["probe"] == "skipped" and changed["train"] == "ran"
     cache_dir = root / ".work" / "cache"
     assert len(list(cache_dir.glob("*.pt"))) == 1  # the new lr reused the cache
+
+
+def test_shared_pass_probe_equals_plain_probe(tmp_path, tiny_model):
+    import torch
+
+    from lens_merge.probe import Subspace
+    from lens_merge.stages import run_probe
+
+    r = _recipe(tmp_path, tiny_model("qwen2"),
+                data={"max_length": 64, "max_train_samples": 8, "max_probe_samples": 5})
+    shared = run_probe(r, tmp_path / "a", work_dir=tmp_path / "work")
+    plain = run_probe(r, tmp_path / "b")
+    assert shared.meta["shared_pass"] == sorted(LANGS) and plain.meta["shared_pass"] == []
+    assert shared.meta["sample_counts"] == plain.meta["sample_counts"] == dict.fromkeys(LANGS, 5)
+    assert len(list((tmp_path / "work" / "cache").glob("*.pt"))) == 1
+    for a, b in zip(Subspace.load(tmp_path / "a").layers, plain.layers, strict=True):
+        torch.testing.assert_close(a.means, b.means, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.deltas, b.deltas, atol=1e-4, rtol=1e-4)
+    # a second probe finds the cache in place and runs its own pass
+    again = run_probe(r, tmp_path / "c", work_dir=tmp_path / "work")
+    assert again.meta["shared_pass"] == []
 
 
 def test_unknown_stage_is_named(tmp_path, tiny_model):

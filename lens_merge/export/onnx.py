@@ -28,7 +28,7 @@ from typing import Any
 
 from lens_merge.errors import ExportError, ModelError, VerificationError
 from lens_merge.progress import NULL, Progress
-from lens_merge.provenance import now_iso, tool_info, write_json_atomic
+from lens_merge.provenance import now_iso, ordinary_permissions, tool_info, write_json_atomic
 
 TASK = "text-generation-with-past"
 PROVENANCE_FILE = "lens_merge_export.json"
@@ -400,6 +400,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = _temp_sibling(out, "old")
         out.rename(old)
+    ordinary_permissions(tmp)
     try:
         tmp.rename(out)
     except BaseException:

@@ -18,6 +18,7 @@ from typing import Any
 from lens_merge.errors import PublishError
 from lens_merge.hub import _checks, _render
 from lens_merge.progress import NULL, Progress
+from lens_merge.provenance import ordinary_permissions
 
 CARD_NAME = "README.md"
 STATES_PNG = "report/states_2d.png"
@@ -249,6 +250,7 @@ def write_card(release_dir: str | Path, recipe: dict | None = None, *,
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        ordinary_permissions(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_merge.errors import DataError
+from lens_merge.provenance import ordinary_permissions
 
 LOSS_TERMS = ("loss", "retain", "separate", "align")
 CENTRAL = "en"
@@ -85,6 +86,7 @@ def _save_atomic(fig, out_png: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        ordinary_permissions(tmp)
         os.replace(tmp, out_png)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ learning rate or schedule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,7 @@ def build_cache(
     chat_template: bool = True,
     input_scale: float = 1.0,
     progress: Progress = NULL,
+    observe: Callable[[str, tuple, torch.Tensor], None] | None = None,
 ) -> LensCache:
     """Run the frozen model once over every prompt and keep what training needs.
 
@@ -95,6 +97,8 @@ def build_cache(
         top_k: K; the cache holds the stream entering block N-K.
         max_length, batch_size, chat_template: prompt encoding (see ``lens_merge.hidden``).
         input_scale: divide cached states by this (Gemma scales ``inputs_embeds``).
+        observe: called as ``observe(lang, hidden_states, attention_mask)`` after every batch,
+            so that another consumer (the probe) can share this forward pass.
     """
     import torch
 
@@ -124,6 +128,8 @@ def build_cache(
                 last[lang].append(pool(h_fin, enc["attention_mask"], "last").cpu())
                 if lang == langs[0]:
                     mean_en.append(pool(h_fin, enc["attention_mask"], "mean").cpu())
+                if observe is not None:
+                    observe(lang, out.hidden_states, enc["attention_mask"])
                 task.advance(len(chunk))
     ref_last = torch.stack([torch.cat(last[lang]) for lang in langs], 1)
     return LensCache(langs, first, xs, ref_last, torch.cat(mean_en),

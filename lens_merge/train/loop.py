@@ -45,6 +45,18 @@ def cache_key(model_dir: Path, prompts: PromptSet, cfg: TrainConfig, max_length:
     })
 
 
+def cache_path_for(work_dir: str | Path, model_dir: Path, prompts: PromptSet, cfg: TrainConfig,
+                   max_length: int, chat_template: bool) -> Path:
+    """Where the cache of these prompts and settings lives under ``work_dir``."""
+    key = cache_key(model_dir, prompts, cfg, max_length, chat_template)
+    return Path(work_dir) / "cache" / f"{key[:16]}.pt"
+
+
+def input_scale_of(config, arch) -> float:
+    """The factor the model multiplies its input embeddings by (Gemma: sqrt(hidden))."""
+    return config.hidden_size ** 0.5 if arch.input_scale == "sqrt_hidden" else 1.0
+
+
 def train(
     model_dir: str | Path,
     subspace: Subspace,
@@ -89,10 +101,9 @@ def train(
     model = load_model(model_dir, dtype="fp32", device="cpu")
     arch = for_config(model.config.to_dict())
     tok = load_tokenizer(model_dir)
-    input_scale = model.config.hidden_size ** 0.5 if arch.input_scale == "sqrt_hidden" else 1.0
+    input_scale = input_scale_of(model.config, arch)
 
-    key = cache_key(model_dir, prompts, cfg, max_length, chat_template)
-    cache_path = work_dir / "cache" / f"{key[:16]}.pt"
+    cache_path = cache_path_for(work_dir, model_dir, prompts, cfg, max_length, chat_template)
     reused = cache_path.is_file()
     with acc.main_process_first():
         if cache_path.is_file():

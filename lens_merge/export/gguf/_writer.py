@@ -26,7 +26,7 @@ from lens_merge.export.gguf._tensors import TensorPlan, iter_encoded, plan_tenso
 from lens_merge.export.gguf._types import INTERMEDIATE, OutType, get_outtype
 from lens_merge.export.gguf._vocab import Vocab, load_vocab
 from lens_merge.progress import NULL, Progress
-from lens_merge.provenance import now_iso
+from lens_merge.provenance import now_iso, ordinary_permissions
 
 
 def supported_model_types() -> list[str]:
@@ -61,9 +61,7 @@ def _source_dtype(ck: Checkpoint) -> str:
 def _temp_sibling(out: Path, tag: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{tag}-", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the GGUF is an ordinary file
+    ordinary_permissions(tmp)  # mkstemp makes 0600; the GGUF is an ordinary file
     return Path(tmp)
 
 
