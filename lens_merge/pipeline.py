@@ -218,7 +218,7 @@ def _gguf_run(ctx: Context) -> dict:
     for stale in out_dir.glob("*.gguf"):
         if stale.name not in wanted:
             stale.unlink()
-    results, numbers, failed = {}, {}, None
+    results, numbers, failed, reference = {}, {}, None, {}
     for t in g.outtypes:
         path = out_dir / gguf_file_name(_model_name(ctx), t)
         exp = export_gguf(ctx.p("model"), path, outtype=t, tokenizer_pre=g.tokenizer_pre,
@@ -228,7 +228,7 @@ def _gguf_run(ctx: Context) -> dict:
             try:
                 results[t]["verify"] = verify_gguf(ctx.p("model"), path,
                                                    languages=ctx.recipe.languages,
-                                                   progress=ctx.progress)
+                                                   progress=ctx.progress, reference=reference)
             except VerificationError as exc:
                 results[t]["verify"] = exc.report
                 failed = failed or exc

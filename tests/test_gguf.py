@@ -221,12 +221,20 @@ def test_export_reads_back_and_runs_in_llama_cpp(family, tiny, tmp_path):
     pytest.importorskip("llama_cpp")
     from lens_merge.export.gguf import verify_gguf
 
-    v = verify_gguf(src, out, prompts=PROMPTS, max_new_tokens=8)
+    reference: dict = {}
+    v = verify_gguf(src, out, prompts=PROMPTS, max_new_tokens=8, reference=reference)
     assert v["passed"], v["failures"]
     assert v["max_abs_logit_diff"] < 5e-3  # f32 weights; llama.cpp's KV cache is f16
     assert v["top1_agreement"] == 1.0
     assert v["generations_match"] == {"fraction": 1.0, "per_prompt": [True, True]}
     assert v["tokenization_match"] == 1.0 and v["chat_template_match"] is True
+    # a second output type of the same checkpoint reuses transformers' side
+    assert len(reference) == len(PROMPTS)
+    again = verify_gguf(src, out, prompts=PROMPTS, max_new_tokens=8, reference=reference)
+    assert len(reference) == len(PROMPTS)
+    assert again["max_abs_logit_diff"] == v["max_abs_logit_diff"]
+    assert [r["transformers"] for r in again["prompts"]] == [r["transformers"]
+                                                              for r in v["prompts"]]
 
 
 # --- SentencePiece ----------------------------------------------------------------------------

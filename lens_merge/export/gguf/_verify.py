@@ -101,6 +101,19 @@ def _llama_greedy(llm, ids: list[int], max_new: int, eos: set[int]) -> list[int]
     return new
 
 
+def _generation_eos(checkpoint: Path) -> list[int]:
+    """The eos ids of the checkpoint's generation config (what transformers stops on)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(str(checkpoint)).eos_token_id
+    except OSError:  # no generation_config.json: transformers falls back to the model config
+        import json
+
+        eos = json.loads((checkpoint / "config.json").read_text()).get("eos_token_id")
+    return eos if isinstance(eos, list) else [eos] if eos is not None else []
+
+
 def _cut(tokens: list[int], eos: set[int]) -> list[int]:
     for i, t in enumerate(tokens):
         if t in eos:
@@ -137,6 +150,7 @@ def verify_gguf(
     prompts_per_language: int = 1,
     raise_on_failure: bool = True,
     n_threads: int = 2,
+    reference: dict | None = None,
 ) -> dict[str, Any]:
     """Compare a GGUF in llama.cpp (CPU) with the checkpoint in transformers.
 
@@ -152,6 +166,9 @@ def verify_gguf(
         prompts_per_language: default prompts per language.
         raise_on_failure: raise VerificationError when a threshold is missed.
         n_threads: llama.cpp CPU threads.
+        reference: a dict shared by calls on the same checkpoint: transformers' logits and
+            greedy tokens are kept there per prompt, so verifying several output types of
+            one checkpoint runs the reference model once.
 
     Returns:
         dict: max_abs_logit_diff, top1_agreement, generations_match {fraction, per_prompt},
@@ -199,18 +216,25 @@ def verify_gguf(
         raise ExportError(f"{gguf_path}: no verification thresholds for file type "
                           f"{facts['file_type']!r}; pass outtype= one of {', '.join(THRESHOLDS)}")
     thresholds = THRESHOLDS[outtype]
-    model = load_model(checkpoint, dtype="fp32")
     eos = {i for i in (tok.eos_token_id, facts["eos"], facts["eot"]) if isinstance(i, int)}
-    gen_eos = model.generation_config.eos_token_id
-    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    gen_cfg = _generation_eos(checkpoint)
+    eos |= set(gen_cfg)
+    reference = {} if reference is None else reference
+    model = None
     rows = []
     import torch
 
     try:
         with progress.task(f"verify {gguf_path.name}", total=len(encoded)) as task:
             for lang, text, shown, ids in encoded:
-                with torch.inference_mode():
-                    ref = model(torch.tensor([ids])).logits[0].float().numpy()
+                key = (str(checkpoint), tuple(ids), max_new_tokens, tuple(sorted(eos)))
+                if key not in reference:
+                    if model is None:
+                        model = load_model(checkpoint, dtype="fp32")
+                    with torch.inference_mode():
+                        logits = model(torch.tensor([ids])).logits[0].float().numpy()
+                    reference[key] = (logits, _hf_greedy(model, ids, max_new_tokens, eos))
+                ref, hf_gen = reference[key]
                 llm.reset()
                 llm.eval(ids)
                 got = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
@@ -224,7 +248,6 @@ def verify_gguf(
                 plain_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
                 tok_match = (llama_ids == ids and
                              plain_ids == tok(text, add_special_tokens=True)["input_ids"])
-                hf_gen = _hf_greedy(model, ids, max_new_tokens, eos)
                 ll_gen = _llama_greedy(llm, ids, max_new_tokens, eos)
                 rows.append({"language": lang, "prompt": text, "n_tokens": len(ids),
                              "max_abs_logit_diff": diff, "top1_agreement": top1,
