@@ -23,6 +23,7 @@ from lens_merge.errors import DataError
 
 DEFAULT = "default"
 DEFAULT_FILE = "instructions.jsonl"
+DEFAULT_SOURCE = f"lens-merge default data (lens_merge/data/default/{DEFAULT_FILE})"
 Split = Literal["train", "heldout", "all"]
 
 
@@ -97,8 +98,8 @@ def _read_hf_dataset(path: Path) -> list[tuple[int, dict]]:
 
 def _read_rows(source: str) -> tuple[list[tuple[int, dict]], str]:
     if source == DEFAULT:
-        p = default_data_path()
-        return _read_jsonl(p), str(p)
+        # named, not located: the install path means nothing on a model card
+        return _read_jsonl(default_data_path()), DEFAULT_SOURCE
     p = Path(source).expanduser()
     if p.is_dir():
         return _read_hf_dataset(p), str(p)

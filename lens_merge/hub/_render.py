@@ -31,8 +31,8 @@ def fmt(x: Any, pct: bool = False) -> str:
         return "n/a"
     if pct:
         return f"{100 * x:.1f}%"
-    if isinstance(x, int):
-        return str(x)
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1):
+        return str(int(x))
     return f"{x:.3g}" if abs(x) < 1e-3 and x != 0 else f"{x:.4f}"
 
 
