@@ -82,7 +82,11 @@ class OnnxConfig(_Strict):
     enabled: bool = True
     dtype: Literal["fp32", "fp16"] = "fp32"
     quantize: Literal["int8"] | None = "int8"
+    int8_method: Literal["weight_only", "dynamic"] = Field(
+        "weight_only", description="weight_only: 8-bit MatMulNBits; dynamic: quantize_dynamic")
     verify: bool = True
+    tolerance: float | None = Field(None, gt=0, description="fixed max |logit diff|; default "
+                                    "max(1e-4, 1e-5 * max|logit|) for fp32")
 
 
 class ExportConfig(_Strict):

@@ -252,14 +252,14 @@ def _onnx_run(ctx: Context) -> dict:
 
     o = ctx.recipe.export.onnx
     exp = export_onnx(ctx.p("model"), ctx.p("onnx"), dtype=o.dtype, quantize=o.quantize,
-                      overwrite=True, progress=ctx.progress)
+                      int8_method=o.int8_method, overwrite=True, progress=ctx.progress)
     result: dict[str, Any] = {"export": exp}
     numbers: dict[str, Any] = {}
     if o.verify:
         try:
             result["verify"] = verify_onnx(ctx.p("model"), ctx.p("onnx"),
                                            languages=ctx.recipe.languages,
-                                           progress=ctx.progress)
+                                           tolerance=o.tolerance, progress=ctx.progress)
         except VerificationError as exc:
             result["verify"] = exc.report
             write_json_atomic(ctx.p("report/onnx_verify.json"), result)

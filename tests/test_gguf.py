@@ -228,6 +228,9 @@ def test_export_reads_back_and_runs_in_llama_cpp(family, tiny, tmp_path):
     assert v["top1_agreement"] == 1.0
     assert v["generations_match"] == {"fraction": 1.0, "per_prompt": [True, True]}
     assert v["tokenization_match"] == 1.0 and v["chat_template_match"] is True
+    # the chat template's shared prefix counts once in the top-1 figure
+    assert v["n_contexts"] < sum(p["n_tokens"] for p in v["prompts"])
+    assert v["top1_agreement_all_positions"] == 1.0
     # a second output type of the same checkpoint reuses transformers' side
     assert len(reference) == len(PROMPTS)
     again = verify_gguf(src, out, prompts=PROMPTS, max_new_tokens=8, reference=reference)

@@ -21,6 +21,7 @@ import math
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -353,8 +354,13 @@ def _export_into(src: Path, tmp: Path, dtype: str, quantize: str | None, int8_me
 
     t0 = time.perf_counter()
     try:
-        main_export(str(src), output=str(tmp), task=TASK, dtype=dtype, device="cpu",
-                    do_validation=False, library_name="transformers", local_files_only=True)
+        with warnings.catch_warnings():
+            # the TorchScript tracer warns about every Python branch in transformers' cache and
+            # mask code; the graph is verified against PyTorch instead of trusted on warnings
+            warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers)\.")
+            warnings.filterwarnings("ignore", message=r".*torch_dtype.* is deprecated")
+            main_export(str(src), output=str(tmp), task=TASK, dtype=dtype, device="cpu",
+                        do_validation=False, library_name="transformers", local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - the exporter raises anything; name the model
         raise ExportError(f"{src}: optimum ONNX export ({info['model_type']}, {TASK}, {dtype}) "
                           f"failed: {type(exc).__name__}: {exc}") from exc

@@ -1,10 +1,12 @@
 """``verify_gguf``: run the GGUF in real llama.cpp (CPU) and compare it with transformers.
 
 For each prompt (chat template applied, as users will run it) both engines get the same token
-ids. Measured: max |logit difference| over every position, top-1 agreement over every
-position, whether a 32-token greedy continuation is identical, whether llama.cpp tokenizes the
-prompt like the HF tokenizer, and whether the GGUF's chat template renders (with
-llama-cpp-python's Jinja formatter) exactly what transformers renders.
+ids. Measured: max |logit difference| over every position; top-1 agreement over every
+distinct context (a prefix shared by several prompts, such as the chat template's system
+prompt, counts once; the per-position figure is reported too); whether a 32-token greedy
+continuation is identical; whether llama.cpp tokenizes the prompt like the HF tokenizer; and
+whether the GGUF's chat template renders (with llama-cpp-python's Jinja formatter) exactly
+what transformers renders.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from lens_merge.progress import NULL, Progress
 
 # Tolerances per output type. max_abs_logit_diff is over every prompt position (the first
 # position, after <|im_start|>, carries the largest logits and the largest quantization error);
-# top1_agreement is over every prompt position; generation_match is the fraction of prompts
-# whose greedy continuation is token-for-token identical. Measured on the default model
+# top1_agreement is over every distinct context (a prefix several prompts share counts once:
+# the trained Lens model of the default run has a 0.009 top-2 margin inside the chat template's
+# system prompt, and f16 flipping that one near-tie in all 10 prompts read as 98.4%);
+# generation_match is the fraction of prompts whose greedy continuation is token-for-token
+# identical. Measured on the default model
 # (SmolLM2-135M-Instruct folded after a Lens delta; llama.cpp's default f16 KV cache):
 #
 #   type    max|dlogit|  top-1   greedy same     type     max|dlogit|  top-1   greedy same
@@ -221,7 +226,8 @@ def verify_gguf(
     eos |= set(gen_cfg)
     reference = {} if reference is None else reference
     model = None
-    rows = []
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[int, ...]] = set()
     import torch
 
     try:
@@ -242,7 +248,11 @@ def verify_gguf(
                     raise ExportError(f"{gguf_path}: llama.cpp logits {got.shape} vs "
                                       f"transformers {ref.shape}")
                 diff = float(np.abs(got - ref).max())
-                top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+                same = got.argmax(-1) == ref.argmax(-1)
+                # a context shared with an earlier prompt (the chat template's system prompt)
+                # is counted once: one near-tie there must not weigh once per prompt
+                fresh = np.array([tuple(ids[:p + 1]) not in seen for p in range(len(ids))])
+                seen.update(tuple(ids[:p + 1]) for p in range(len(ids)))
                 llama_ids = llm.tokenize(shown.encode("utf-8"), add_bos=not templated,
                                          special=templated)
                 plain_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -250,7 +260,11 @@ def verify_gguf(
                              plain_ids == tok(text, add_special_tokens=True)["input_ids"])
                 ll_gen = _llama_greedy(llm, ids, max_new_tokens, eos)
                 rows.append({"language": lang, "prompt": text, "n_tokens": len(ids),
-                             "max_abs_logit_diff": diff, "top1_agreement": top1,
+                             "n_new_contexts": int(fresh.sum()),
+                             "top1_same_new": int(same[fresh].sum()),
+                             "top1_same_all": int(same.sum()),
+                             "max_abs_logit_diff": diff,
+                             "top1_agreement": float(same.mean()),
                              "tokenization_match": tok_match,
                              "generation_match": hf_gen == ll_gen,
                              "transformers": tok.decode(hf_gen, skip_special_tokens=False),
@@ -259,12 +273,15 @@ def verify_gguf(
     finally:
         llm.close()
     n_pos = sum(r["n_tokens"] for r in rows)
+    n_new = sum(r["n_new_contexts"] for r in rows)
     per_prompt = [r["generation_match"] for r in rows]
     report = {
         "gguf": str(gguf_path), "checkpoint": str(checkpoint), "outtype": outtype,
         "n_prompts": len(rows), "languages": sorted({r["language"] for r in rows}),
         "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows),
-        "top1_agreement": sum(r["top1_agreement"] * r["n_tokens"] for r in rows) / n_pos,
+        "top1_agreement": sum(r["top1_same_new"] for r in rows) / max(n_new, 1),
+        "top1_agreement_all_positions": sum(r["top1_same_all"] for r in rows) / n_pos,
+        "n_contexts": n_new,
         "generations_match": {"fraction": sum(per_prompt) / len(rows),
                               "per_prompt": per_prompt},
         "tokenization_match": sum(r["tokenization_match"] for r in rows) / len(rows),
