@@ -70,12 +70,14 @@ def _measure(model, tok, prompts: PromptSet, max_length: int, batch_size: int,
                             logits_to_keep=1)
                 z, first = out.hidden_states[-1][:, -1], out.logits[:, -1]
                 replies = []
+            # copies, not views: a view would keep the whole batch's [B, T, d] states alive
+            z, first = z.float().cpu().clone(), first.float().cpu().clone()
             for i, (lang, _) in enumerate(chunk):
-                zs[lang].append(z[i].float().cpu())
+                zs[lang].append(z[i])
                 if replies:
                     rs[lang].append(replies[i])
                 if lang == langs[0]:
-                    ls.append(first[i].float().cpu())
+                    ls.append(first[i])
             task.advance(len(chunk))
     states = {lang: torch.stack(zs[lang]) for lang in langs}
     return states, torch.stack(ls), rs
