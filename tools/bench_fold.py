@@ -6,10 +6,10 @@ random Lens delta on its top blocks, then runs each method in its own subprocess
 wall time and peak RSS:
 
 - ``cp``: ``cp -r BASE OUT`` (the floor: a fold must at least copy the checkpoint);
-- ``fold``: ``lens_merge.fold.fold`` (streamed, one tensor at a time);
+- ``fold``: ``lens_merge.weights.fold.fold`` (streamed, one tensor at a time);
 - ``peft``: "load the whole model, add the deltas, save_pretrained" (what PEFT's
   ``merge_and_unload`` + ``save_pretrained`` amounts to);
-- ``baseline``: a process that only imports torch, safetensors and lens_merge.fold (the
+- ``baseline``: a process that only imports torch, safetensors and lens_merge.weights.fold (the
   interpreter's own RSS, for reference).
 
 Usage: ``python tools/bench_fold.py [--json out.json] [--workdir DIR] [--repeat 2]``.
@@ -71,15 +71,15 @@ def child(method: str, base: str, delta: str, out: str) -> None:
     import safetensors  # noqa: F401
     import torch  # noqa: F401
 
-    from lens_merge.fold import fold
+    from lens_merge.weights.fold import fold
 
     t0, c0 = time.perf_counter(), _cpu_s(resource.RUSAGE_SELF)
     extra = {}
     if method == "fold":
         extra["check_seconds"] = fold(base, delta, out).check_seconds
     elif method == "peft":
-        from lens_merge.delta import LensDelta, apply_delta
         from lens_merge.models import load_model
+        from lens_merge.weights.delta import LensDelta, apply_delta
 
         model = load_model(base, "fp32")
         apply_delta(model, LensDelta.load(delta))

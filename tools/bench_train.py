@@ -30,8 +30,8 @@ SWEEP = [(1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (2.0, 0.5, 1.0)]
 def _common(args):
     from lens_merge.config import TrainConfig
     from lens_merge.data import load_prompts
+    from lens_merge.lens.probe import probe
     from lens_merge.models import load_model, load_tokenizer, resolve_model
-    from lens_merge.probe import probe
 
     langs = args.langs.split(",")
     model_dir = resolve_model(args.base)
@@ -41,7 +41,7 @@ def _common(args):
     if not (sub_dir / "subspace.json").is_file():
         model = load_model(model_dir)
         probe(model, tok, {lang: prompts.texts(lang) for lang in langs}).save(sub_dir)
-    from lens_merge.probe import Subspace
+    from lens_merge.lens.probe import Subspace
 
     cfg = TrainConfig(top_k=2, lr=1e-4, epochs=1, batch_size=args.batch, grad_accum=1,
                       warmup_ratio=0.05)
@@ -51,9 +51,12 @@ def _common(args):
 def child(args) -> dict:
     import torch
 
-    from lens_merge.train import train
-    from lens_merge.train.losses import LossWeights
-    from lens_merge.train.naive import naive_losses
+    from lens_merge.lens.train import train
+    from lens_merge.lens.train.losses import LossWeights
+
+    # the reference-style step is a test oracle (tests/oracles), importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.oracles.naive_train import naive_losses
 
     model_dir, prompts, tok, sub, cfg, langs = _common(args)
     times, steps = [], []

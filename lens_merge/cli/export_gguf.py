@@ -29,27 +29,18 @@ def _print_export(rep: dict) -> None:
                       f"instead of {fb['wanted']} ({fb['reason']})", highlight=False)
 
 
-def _print_verify(rep: dict) -> None:
-    from lens_merge.cli._common import console, table
+def _print_verify(rep) -> None:
+    """A GGUF ``ParityReport``: one row per prompt, then the checks and the verdict."""
+    from lens_merge.cli._common import print_parity
 
     rows = [[r["language"], r["n_tokens"], f"{r['max_abs_logit_diff']:.4g}",
              f"{r['top1_agreement']:.3f}", "yes" if r["tokenization_match"] else "NO",
-             "yes" if r["generation_match"] else "no"] for r in rep["prompts"]]
-    console.print(table(f"llama.cpp vs transformers ({rep['outtype']})",
-                        ["language", "tokens", "max |dlogit|", "top-1", "same tokens",
-                         "same greedy"], rows))
-    th = rep["thresholds"]
-    gm = rep["generations_match"]["fraction"]
-    console.print(f"max |logit diff| {rep['max_abs_logit_diff']:.4g} (<= "
-                  f"{th['max_abs_logit_diff']})  top-1 agreement {rep['top1_agreement']:.4f} "
-                  f"(>= {th['top1_agreement']})  greedy generations match {gm:.0%} (>= "
-                  f"{th['generation_match']:.0%})  chat template round-trip: "
-                  f"{rep['chat_template_match']}", highlight=False)
-    if rep["passed"]:
-        console.print("[bold green]verification passed[/]")
-    else:
-        console.print(f"[bold red]verification FAILED:[/] {'; '.join(rep['failures'])}",
-                      highlight=False)
+             "yes" if r["first_token_match"] else "no",
+             "yes" if r["generation_match"] else "no"] for r in rep.details.get("prompts", [])]
+    print_parity(rep, f"llama.cpp vs transformers ({rep.variant}; chat template round-trip: "
+                 f"{rep.details.get('chat_template_match')})", rows,
+                 ["language", "tokens", "max |dlogit|", "top-1", "same tokens", "same first",
+                  "same greedy"])
 
 
 def export_gguf_cmd(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from lens_merge.records import ParitySet
 
 
 def _print_export(rec: dict, out: Path) -> None:
@@ -26,38 +29,29 @@ def _print_export(rec: dict, out: Path) -> None:
     console.print(table("ONNX export", ["", "value"], rows))
 
 
-def _print_verify(rep: dict) -> None:
-    from lens_merge.cli._common import console, table
+def _print_verify(result: ParitySet) -> None:
+    """The per-language table, then each graph's checks and verdict (``print_parity``)."""
+    from lens_merge.cli._common import print_parity
 
-    summary = [["status", rep["status"]]]
-    if "per_language" not in rep:  # stopped before comparing (e.g. KV cache shape mismatch)
-        summary += [["problem", p] for p in rep.get("problems", [])]
-        console.print(table("ONNX verification", ["", "value"], summary))
+    fp = result.reports[0]
+    q = next((r for r in result.reports[1:] if r.variant == "int8"), None)
+    if "max_abs_logit_diff" not in fp.metrics:  # stopped before comparing (KV cache shape)
+        print_parity(result)
         return
-    rows = [[lang, f"{d['max_abs_logit_diff']:.3g}", f"{d['tolerance']:.3g}",
-             f"{d['generations_equal']}/{d['prompts']}"] for lang, d in rep["per_language"].items()]
-    console.print(table(f"ONNX Runtime vs transformers ({rep['dtype']})",
-                        ["language", "max |logit diff|", "tolerance",
-                         f"greedy {rep['max_new_tokens']} equal"], rows))
-    summary += [["max |logit diff|", f"{rep['max_abs_logit_diff']:.3g} (worst diff/tolerance "
-                                     f"{rep['worst_diff_to_tolerance']:.2f})"],
-                ["KV-cache step max |logit diff|", f"{rep['kv_step_max_abs_logit_diff']:.3g}"],
-                ["greedy generations equal", f"{rep['generations_equal']}/{rep['prompts']}"
-                 + (f" (+{rep['generations_tie_excused']} fp16 ties)"
-                    if rep["generations_tie_excused"] else "")],
-                ["tokenizer match", rep["tokenizer_match"]],
-                ["files unchanged", rep["files_unchanged"]]]
-    q = rep.get("int8")
-    if q:
-        summary += [["int8 method", q["method"]],
-                    ["int8 top-1 agreement", f"{q['top1_agreement']:.4f} ({q['positions']} "
-                                             "positions)"],
-                    ["int8 KL to fp32 (mean / max)", f"{q['kl_mean']:.3g} / {q['kl_max']:.3g}"],
-                    ["int8 greedy equal", f"{q['generations_equal']}/{rep['prompts']}"],
-                    ["int8 size", f"{q['size_ratio_to_fp']:.2f}x of the fp graph"]]
-    for p in rep.get("problems", []):
-        summary.append(["problem", p])
-    console.print(table("ONNX verification", ["", "value"], summary))
+    columns = ["language", "max |logit diff|", "tolerance",
+               f"greedy {fp.details['max_new_tokens']} equal"]
+    if q is not None:
+        columns += ["int8 KL", "int8 greedy equal"]
+    rows = []
+    for lang, d in fp.per_language.items():
+        row = [lang, f"{d['max_abs_logit_diff']:.3g}", f"{d['tolerance']:.3g}",
+               f"{d['generations_equal']}/{d['prompts']}"]
+        if q is not None:
+            qd = q.per_language.get(lang, {})
+            row += [f"{qd.get('kl_mean', float('nan')):.3g}",
+                    f"{qd.get('generations_equal', 0)}/{qd.get('prompts', 0)}"]
+        rows.append(row)
+    print_parity(result, f"ONNX Runtime vs transformers ({fp.variant})", rows, columns)
 
 
 def onnx_cmd(

@@ -1,4 +1,5 @@
-"""CLI commands: ``fold``, ``unfold`` and ``verify`` (thin wrappers over lens_merge.fold)."""
+"""CLI commands: ``fold``, ``unfold`` and ``verify`` (thin wrappers over
+``lens_merge.weights.fold``)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def fold_cmd(
 ) -> None:
     """Fold a Lens delta into a standalone checkpoint (W + dW, streamed shard by shard)."""
     from lens_merge.cli._common import progress
-    from lens_merge.fold import fold
+    from lens_merge.weights.fold import fold
 
     rep = fold(base, delta, out, link=link, overwrite=overwrite, allow_pickle=allow_pickle,
                progress=progress())
@@ -68,7 +69,7 @@ def unfold_cmd(
 ) -> None:
     """Recover the base from a folded checkpoint (W = folded - dW)."""
     from lens_merge.cli._common import progress
-    from lens_merge.fold import unfold
+    from lens_merge.weights.fold import unfold
 
     rep = unfold(folded, delta, out, link=link, overwrite=overwrite, allow_pickle=allow_pickle,
                  progress=progress())
@@ -89,33 +90,25 @@ def verify_cmd(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Compare base + delta (in memory) with the folded checkpoint; exit 1 above tolerance."""
-    from lens_merge.cli._common import console, err_console, progress, table
-    from lens_merge.errors import VerificationError
-    from lens_merge.fold import verify_fold
-    from lens_merge.provenance import write_json_atomic
+    from lens_merge.cli._common import err_console, print_parity, progress
+    from lens_merge.files import write_json_atomic
+    from lens_merge.weights.fold import verify_fold
 
     langs = [x.strip() for x in languages.split(",") if x.strip()] if languages else None
-    failure = None
-    try:
-        rep = verify_fold(base, delta, folded, languages=langs, tolerance=tolerance,
-                          progress=progress(), n_per_language=n_per_language,
-                          allow_pickle=allow_pickle)
-    except VerificationError as exc:
-        rep, failure = exc.report, exc
-    if rep:
-        rows = [[lang, v["max_abs_logit_diff"], v["top1_agreement"]]
-                for lang, v in rep["per_language"].items()]
-        rows.append(["all", rep["max_abs_logit_diff"], rep["top1_agreement"]])
-        console.print(table(f"fold verification ({rep['dtype']}, tolerance "
-                            f"{rep['tolerance']:.3g}, {rep['n_prompts']} prompts)",
-                            ["language", "max |logit diff|", "top-1 agreement"], rows))
-        if json_out is not None:
-            write_json_atomic(json_out, rep)
-    if failure is not None:
-        err_console.print(f"[bold red]verification failed:[/] {failure}", highlight=False)
+    rep = verify_fold(base, delta, folded, languages=langs, tolerance=tolerance,
+                      progress=progress(), n_per_language=n_per_language,
+                      allow_pickle=allow_pickle, raise_on_failure=False)
+    rows = [[lang, v["max_abs_logit_diff"], v["top1_agreement"]]
+            for lang, v in rep.per_language.items()]
+    rows.append(["all", rep.metrics["max_abs_logit_diff"], rep.metrics["top1_agreement"]])
+    print_parity(rep, f"fold verification ({rep.variant}, {rep.n_prompts} prompts)", rows,
+                 ["language", "max |logit diff|", "top-1 agreement"])
+    if json_out is not None:
+        write_json_atomic(json_out, rep.dump())
+    if not rep.passed:
+        err_console.print(f"[bold red]verification failed:[/] {rep.subject}: "
+                          f"{'; '.join(rep.failures)}", highlight=False)
         raise typer.Exit(1)
-    console.print(f"[bold green]passed[/]: max |logit diff| {rep['max_abs_logit_diff']:.3g} "
-                  f"<= {rep['tolerance']:.3g}")
 
 
 def register(app: typer.Typer) -> None:

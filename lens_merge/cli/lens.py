@@ -15,17 +15,34 @@ Langs = Annotated[str | None, typer.Option("--languages", "-l",
 Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="take settings from a recipe")]
 
 
-def _recipe(path: Path | None, base: str | None, languages: str | None):
+def _recipe(path: Path | None, base: str | None, languages: str | None, **options):
+    """The recipe (or the defaults) with the command's options applied and validated.
+
+    ``options`` are dotted recipe keys with ``__`` for ``.`` (``data__probe="x.jsonl"``);
+    None values are left out. A bad option is a ``ConfigError`` naming it.
+    """
     from lens_merge.config import Recipe as R
-    from lens_merge.config import load_recipe
+    from lens_merge.config import load_recipe, with_overrides
 
     r = load_recipe(path) if path else R(name="cli")
-    upd = {}
+    upd = {k.replace("__", "."): v for k, v in options.items() if v is not None}
     if base:
         upd["base"] = base
     if languages:
         upd["languages"] = [x.strip() for x in languages.split(",") if x.strip()]
-    return R.model_validate(r.model_dump() | upd) if upd else r
+    return with_overrides(r, upd, "command-line options") if upd else r
+
+
+def _inputs(r, **paths) -> dict:
+    """The inputs a Lens stage reads (for the output guard): base model, data, directories."""
+    found = {k.replace("_", " "): v for k, v in paths.items() if v is not None}
+    if r.base != "default":
+        found["base model"] = r.base
+    for key in ("probe", "train", "eval"):
+        src = getattr(r.data, key)
+        if src != "default":
+            found[f"data.{key} source"] = src
+    return found
 
 
 def probe_cmd(
@@ -38,15 +55,12 @@ def probe_cmd(
     rank: Annotated[int | None, typer.Option(help="language-specific rank (default L-1)")] = None,
 ) -> None:
     """Probe the language-agnostic direction and language-specific subspace at every layer."""
-    from lens_merge import stages
+    from lens_merge.guard import check_output
+    from lens_merge.lens import run as stages
 
-    r = _recipe(recipe, base, languages)
-    if data:
-        r.data.probe = data
-    if pooling:
-        r.probe.pooling = pooling
-    if rank:
-        r.probe.rank = rank
+    r = _recipe(recipe, base, languages, data__probe=data, probe__pooling=pooling,
+                probe__rank=rank)
+    check_output(out, _inputs(r), what="--out")
     sub = stages.run_probe(r, out, progress())
     ly = sub.layer(-1)
     console.print(f"probed {len(sub.languages)} languages x {sub.meta['num_layers']} layers, "
@@ -67,12 +81,13 @@ def train_cmd(
     overwrite: bool = False,
 ) -> None:
     """Train the top K blocks with the Lens losses; write a Lens delta."""
-    from lens_merge import stages
-    from lens_merge.probe import Subspace
+    from lens_merge.guard import check_output
+    from lens_merge.lens import run as stages
+    from lens_merge.lens.probe import Subspace
 
-    r = _recipe(recipe, base, languages)
-    if data:
-        r.data.train = data
+    r = _recipe(recipe, base, languages, data__train=data)
+    check_output(out, _inputs(r, subspace=subspace, work_dir=work_dir), what="--out",
+                 overwrite=overwrite)
     sub = Subspace.load(subspace)
     res = stages.run_train(r, sub, work_dir or out.parent / (out.name + ".work"), progress())
     if res.delta is None:  # a non-main process under `accelerate launch`
@@ -93,14 +108,14 @@ def eval_cmd(
     data: Annotated[str | None, typer.Option(help="held-out prompts (default: embedded)")] = None,
 ) -> None:
     """Base vs base+delta on held-out prompts: writes lens_report.json and prints the table."""
-    from lens_merge import stages
-    from lens_merge.delta import LensDelta
-    from lens_merge.probe import Subspace
+    from lens_merge.guard import check_output
+    from lens_merge.lens import run as stages
+    from lens_merge.lens.probe import Subspace
+    from lens_merge.weights.delta import LensDelta
 
     d = LensDelta.load(delta)
-    r = _recipe(recipe, base, ",".join(d.languages))
-    if data:
-        r.data.eval = data
+    r = _recipe(recipe, base, ",".join(d.languages), data__eval=data)
+    check_output(out, _inputs(r, delta=delta, subspace=subspace), what="--out")
     report = stages.run_eval(r, d, Subspace.load(subspace), out, progress())
     stages.record_effect(delta, report)
     console.print(report_table(report))

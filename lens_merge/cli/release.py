@@ -27,7 +27,7 @@ def card(
 ) -> None:
     """Write RELEASE_DIR/README.md (model card) and its two pictures under report/."""
     from lens_merge.cli._common import console, progress
-    from lens_merge.hub.card import write_card
+    from lens_merge.release.card import write_card
 
     path = write_card(release_dir, repo_id=repo_id, progress=progress())
     console.print(f"wrote {path}", soft_wrap=True, highlight=False)
@@ -49,7 +49,7 @@ def push(
 ) -> None:
     """Publish a release folder in one commit (token: HF_TOKEN or the login cache)."""
     from lens_merge.cli._common import console, progress
-    from lens_merge.hub.push import push as do_push
+    from lens_merge.release.push import push as do_push
 
     res = do_push(release_dir, repo_id, private=private, revision=revision,
                   create_pr=create_pr, dry_run=dry_run, progress=progress())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -24,13 +23,13 @@ def run_cmd(
     = None,
 ) -> None:
     """Run probe -> train -> eval -> fold -> verify -> exports -> card -> push."""
-    from lens_merge.cli.lens import report_table
-    from lens_merge.config import load_recipe
-    from lens_merge.pipeline import run_recipe
+    from lens_merge.config import check_recipe, load_recipe, with_overrides
+    from lens_merge.release.pipeline import run_recipe
 
     r = load_recipe(recipe)
     if output_dir:
-        r.output_dir = str(output_dir)
+        r = with_overrides(r, {"output_dir": str(output_dir)}, "--output-dir")
+    check_recipe(r, stages=list(only) if only else None)  # fail before any stage starts
 
     def show(res):
         mark = {"ran": "[green]ran", "skipped": "[dim]skipped", "disabled": "[dim]disabled",
@@ -38,21 +37,39 @@ def run_cmd(
         console.print(f"{mark}[/] {res.name} ({res.seconds:.1f}s)")
 
     try:
-        results = run_recipe(r, force=force, push=not no_push, only=only, progress=progress(),
-                             on_stage=show)
+        run_recipe(r, force=force, push=not no_push, only=only, progress=progress(),
+                   on_stage=show)
     finally:
-        runs = r.release_dir / "report" / "run.json"
-        if runs.is_file():
-            rows = json.loads(runs.read_text())
-            if any(x["name"] == "eval" and x["status"] == "ran" for x in rows):
-                report = r.release_dir / "report" / "lens_report.json"
-                console.print(report_table(json.loads(report.read_text())))
-            console.print(table(f"lens-merge run {r.name} -> {r.release_dir}",
-                                ["stage", "status", "seconds", "numbers"],
-                                [[x["name"], x["status"], f"{x['seconds']:.1f}",
-                                  _fmt(x["numbers"]) if not x.get("error")
-                                  else x["error"][:120]] for x in rows]))
-    del results
+        _print_summary(r)
+
+
+def _print_summary(r) -> None:
+    """The eval table and the stage table of the release's run record, when readable.
+
+    Runs in a ``finally``: an unreadable record is mentioned, never raised over the error
+    that ended the run.
+    """
+    from lens_merge.cli.lens import report_table
+    from lens_merge.errors import LensMergeError
+    from lens_merge.records import ReleaseLayout, RunTable, read_json, read_record
+
+    layout = ReleaseLayout(root=r.release_dir)
+    runs = layout.path("run_table")
+    if not runs.is_file():
+        return
+    try:
+        rows = [x.model_dump() for x in read_record(runs, RunTable).stages]
+        if any(x["name"] == "eval" and x["status"] == "ran" for x in rows):
+            console.print(report_table(read_json(layout.path("eval_report"))))
+    except (LensMergeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        console.print(f"run summary unavailable ({type(exc).__name__}: {exc})", style="dim",
+                      highlight=False, markup=False)
+        return
+    console.print(table(f"lens-merge run {r.name} -> {r.release_dir}",
+                        ["stage", "status", "seconds", "numbers"],
+                        [[x["name"], x["status"], f"{x['seconds']:.1f}",
+                          _fmt(x["numbers"]) if not x.get("error")
+                          else x["error"][:120]] for x in rows]))
 
 
 def _fmt(numbers: dict) -> str:

@@ -133,6 +133,13 @@ def llama3_rope_factors(cfg: dict) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _tensor_name(tensor: str) -> str:
+    """GGUF name of a global tensor, from gguf-py's table (``rope_freqs.weight``)."""
+    import gguf
+
+    return f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[tensor]]}.weight"
+
+
 def extra_tensors(arch: str, cfg: dict) -> list[tuple[str, np.ndarray]]:
     """Tensors GGUF needs that the checkpoint does not store (RoPE factor tables).
 
@@ -142,7 +149,7 @@ def extra_tensors(arch: str, cfg: dict) -> list[tuple[str, np.ndarray]]:
     rs = _rope_scaling(cfg)
     kind = rs["rope_type"] if rs else None
     if arch == "llama" and kind == "llama3":
-        return [("rope_freqs.weight", llama3_rope_factors(cfg))]
+        return [(_tensor_name("ROPE_FREQS"), llama3_rope_factors(cfg))]
     if arch == "phi3" and kind in ("longrope", "su"):
         d = dims(cfg)
         long_f, short_f = rs.get("long_factor"), rs.get("short_factor")
@@ -150,6 +157,6 @@ def extra_tensors(arch: str, cfg: dict) -> list[tuple[str, np.ndarray]]:
                 len(long_f) != d.rope_dim // 2:
             raise ExportError(f"config.json: rope_scaling long_factor/short_factor must both "
                               f"have {d.rope_dim // 2} entries")
-        return [("rope_factors_long.weight", np.asarray(long_f, dtype=np.float32)),
-                ("rope_factors_short.weight", np.asarray(short_f, dtype=np.float32))]
+        return [(_tensor_name("ROPE_FACTORS_LONG"), np.asarray(long_f, dtype=np.float32)),
+                (_tensor_name("ROPE_FACTORS_SHORT"), np.asarray(short_f, dtype=np.float32))]
     return []

@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lens_merge.default_model import BASE_MODEL_ID, BASE_MODEL_LICENSE, default_model_dir
+from lens_merge.default_model import MARKER as DEFAULT_MARKER
 from lens_merge.errors import ExportError
+from lens_merge.weights.fold import PROVENANCE_FILE as PROVENANCE
 
-PROVENANCE = "lens_merge.json"
-DEFAULT_MARKER = "lens_merge_default.json"
 ALLOWED_KEYS = {"name", "basename", "finetune", "version", "license", "languages", "tags",
                 "base_models", "description", "author", "organization", "url", "repo_url"}
 BASE_KEYS = {"name", "organization", "repo_url", "version", "author", "url"}
@@ -58,8 +59,6 @@ def describe_base(ref: str | None, path: str | None = None) -> tuple[dict | None
         return None, None
     candidates = [p for p in (path, ref) if p]
     if ref == "default":
-        from lens_merge.default_model import default_model_dir
-
         candidates.insert(0, str(default_model_dir()))
     for c in candidates:
         marker = Path(c).expanduser() / DEFAULT_MARKER
@@ -69,7 +68,7 @@ def describe_base(ref: str | None, path: str | None = None) -> tuple[dict | None
             if isinstance(hub, str) and _HUB_ID.match(hub):
                 return _hub_base(hub), m.get("license")
     if ref == "default":
-        return _hub_base("HuggingFaceTB/SmolLM2-135M-Instruct"), "apache-2.0"
+        return _hub_base(BASE_MODEL_ID), BASE_MODEL_LICENSE
     if _HUB_ID.match(ref) and not Path(ref).expanduser().exists():
         return _hub_base(ref), None
     return {"name": Path(ref).expanduser().name}, None

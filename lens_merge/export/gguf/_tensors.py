@@ -1,4 +1,11 @@
-"""Checkpoint tensors -> GGUF tensors: names from the architecture table, types, conversion.
+"""Checkpoint tensors -> GGUF tensors: names, types, conversion.
+
+GGUF tensor names come from gguf-py's own table (``gguf.get_tensor_name_map``: its
+``TensorNameMap`` restricted to ``MODEL_TENSORS[arch]``), never from a copy. Our architecture
+table (``lens_merge/architectures/*.json``) supplies only what gguf-py lacks: which HF tensors
+a model must have (the required GGUF tensors follow from them), the GGUF architecture of a
+``model_type``, and whether q/k need llama.cpp's RoPE permutation (a converter decision, not a
+gguf-py table).
 
 Planning reads only safetensors headers; conversion loads one tensor at a time, so exporting
 holds at most one tensor (in fp32 plus its encoded copy) in memory.
@@ -14,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from lens_merge.architectures import Architecture
-from lens_merge.checkpoint import Checkpoint, TensorEntry, shard_entries
 from lens_merge.errors import ExportError
 from lens_merge.export.gguf._hparams import dims, extra_tensors
 from lens_merge.export.gguf._types import OutType
+from lens_merge.weights.checkpoint import Checkpoint, TensorEntry, shard_entries
 
 # Checkpoint entries that are buffers, not weights (never written).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -87,18 +94,42 @@ def _choose_type(shape: tuple[int, ...], name: str, outtype: OutType, head: bool
     return want, why
 
 
+def gguf_name_map(gguf_arch: str, n_layer: int):
+    """gguf-py's HF -> GGUF tensor-name map for one GGUF architecture (``llama``, ``qwen2``).
+
+    Use ``gguf_tensor_name(tmap, hf_name)`` to look a name up.
+
+    Raises:
+        ExportError: when the installed gguf package does not know the architecture.
+    """
+    import gguf
+
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == gguf_arch), None)
+    if arch is None:
+        raise ExportError(f"the installed gguf package does not know the GGUF architecture "
+                          f"{gguf_arch!r}; upgrade it (pip install -U gguf)")
+    return gguf.get_tensor_name_map(arch, n_layer)
+
+
+def gguf_tensor_name(tmap, hf_name: str) -> str | None:
+    """The GGUF name of an HF tensor (``blk.3.attn_q.weight``), or None when gguf-py has no
+    mapping for it in this architecture."""
+    return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
 def plan_tensors(ck: Checkpoint, arch: Architecture, cfg: dict, outtype: OutType
                  ) -> list[TensorPlan]:
     """Every tensor the GGUF will hold, in write order, without reading any weights.
 
     Raises:
-        ExportError: for a checkpoint tensor the architecture table does not map, a missing
+        ExportError: for a checkpoint tensor gguf-py's name map does not map, a missing
             ``lm_head`` on an untied model, or a missing expected tensor.
     """
     g = arch.gguf or {}
     d = dims(cfg)
+    tmap = gguf_name_map(g["arch"], d.n_layer)
     tied = bool(cfg.get("tie_word_embeddings", False))
-    heads = {"attn_q.weight": d.n_head, "attn_k.weight": d.n_head_kv}
+    heads = {"attn_q": d.n_head, "attn_k": d.n_head_kv}  # weights and biases alike
     plans: list[TensorPlan] = []
     unmapped: list[str] = []
     for name, data in extra_tensors(g["arch"], cfg):
@@ -109,26 +140,27 @@ def plan_tensors(ck: Checkpoint, arch: Architecture, cfg: dict, outtype: OutType
                 continue
             if hf_name == arch.lm_head and tied:
                 continue  # tied embeddings: llama.cpp reuses token_embd, no output.weight
-            gname = arch.gguf_name(hf_name)
+            gname = gguf_tensor_name(tmap, hf_name)
             if gname is None:
                 unmapped.append(hf_name)
                 continue
             head = gname == "output.weight" or (tied and gname == "token_embd.weight")
             qtype, why = _choose_type(e.shape, gname, outtype, head)
-            permute = None
-            if g.get("permute_qk"):
-                permute = next((n for suffix, n in heads.items() if gname.endswith(suffix)),
-                               None)
+            permute = heads.get(gname.split(".")[-2]) if g.get("permute_qk") else None
             plans.append(TensorPlan(gname, tuple(e.shape), qtype, source=hf_name,
                                     shard=shard, permute_heads=permute, fallback=why))
     if unmapped:
-        raise ExportError(f"{ck.root}: {len(unmapped)} tensor(s) not in the {arch.name} "
-                          f"architecture table (lens_merge/architectures/{arch.name}.json), "
-                          f"e.g. {', '.join(unmapped[:5])}")
+        raise ExportError(f"{ck.root}: {len(unmapped)} tensor(s) have no GGUF name in gguf-py's "
+                          f"tensor-name map for {g['arch']}, e.g. {', '.join(unmapped[:5])}")
     names = {p.name for p in plans}
     needed = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
-    needed += [f"blk.{b}.{g_name}" for b in range(d.n_layer)
-               for g_name in arch.block_tensors.values() if g_name.endswith(".weight")]
+    block = [(hf, gguf_tensor_name(tmap, hf)) for b in range(d.n_layer)
+             for hf in arch.block_tensor_names(b)]
+    unnamed = [hf for hf, n in block if n is None]
+    if unnamed:
+        raise ExportError(f"lens_merge/architectures/{arch.name}.json lists tensor(s) gguf-py "
+                          f"cannot name for {g['arch']}: {', '.join(unnamed[:5])}")
+    needed += [n for _, n in block if n.endswith(".weight")]
     missing = [n for n in needed if n not in names]
     if missing:
         raise ExportError(f"{ck.root}: tensors missing for GGUF export: "

@@ -4,6 +4,10 @@ Two tokenizer kinds are written: byte-level BPE (``tokenizer.ggml.model = gpt2``
 Llama-3, Qwen2) from ``tokenizer.json``, and SentencePiece (``llama``, Llama-2, Mistral v0.1,
 Phi-3) from ``tokenizer.model``. For BPE the pre-tokenizer family (``tokenizer.ggml.pre``) is
 found by hashing the token ids of a fixed check text against ``pretokenizers.json``.
+
+``pretokenizers.json`` is kept because gguf-py does not have that table: it lives in
+llama.cpp's ``convert_hf_to_gguf.py`` (``get_vocab_base_pre``), which is not part of the
+``gguf`` package. Key names, token types and the writer come from gguf-py itself.
 """
 
 from __future__ import annotations

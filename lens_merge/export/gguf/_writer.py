@@ -7,8 +7,6 @@ then the header, then the tensors one at a time as they are converted.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,16 +15,18 @@ from typing import Any
 import numpy as np
 
 from lens_merge.architectures import Architecture, for_config
-from lens_merge.checkpoint import Checkpoint, file_sha256
 from lens_merge.errors import ExportError
 from lens_merge.export.gguf._hparams import SUPPORTED, write_hparams
 from lens_merge.export.gguf._metadata import resolve_metadata, write_general
 from lens_merge.export.gguf._quantize import quantize_with_llama_cpp, require_llama_cpp
 from lens_merge.export.gguf._tensors import TensorPlan, iter_encoded, plan_tensors
-from lens_merge.export.gguf._types import INTERMEDIATE, OutType, get_outtype
+from lens_merge.export.gguf._types import INTERMEDIATE, OUTTYPES, OutType, get_outtype
 from lens_merge.export.gguf._vocab import Vocab, load_vocab
+from lens_merge.files import atomic_file, file_sha256, temp_sibling
+from lens_merge.guard import check_output, check_writable_parent, cleanup_stale_temps, exists
 from lens_merge.progress import NULL, Progress
-from lens_merge.provenance import now_iso, ordinary_permissions
+from lens_merge.provenance import build_time
+from lens_merge.weights.checkpoint import Checkpoint
 
 
 def supported_model_types() -> list[str]:
@@ -58,13 +58,6 @@ def _source_dtype(ck: Checkpoint) -> str:
     return "F32"
 
 
-def _temp_sibling(out: Path, tag: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{tag}-", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    ordinary_permissions(tmp)  # mkstemp makes 0600; the GGUF is an ordinary file
-    return Path(tmp)
-
-
 def _write_file(path: Path, arch: Architecture, cfg: dict, outtype: OutType, vocab: Vocab,
                 meta: dict, plans: list[TensorPlan], progress: Progress) -> None:
     import gguf
@@ -79,7 +72,9 @@ def _write_file(path: Path, arch: Architecture, cfg: dict, outtype: OutType, voc
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.write(w)
         w.add_string("lens_merge.version", __version__)
-        w.add_string("lens_merge.created", now_iso())
+        stamp = build_time()  # none unless SOURCE_DATE_EPOCH: same inputs, same bytes
+        if stamp:
+            w.add_string("lens_merge.created", stamp)
         for p in plans:
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes,
                               raw_dtype=gguf.GGMLQuantizationType[p.qtype])
@@ -142,11 +137,14 @@ def export_gguf(
     if ot.kquant:
         require_llama_cpp(f"--outtype {ot.name}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     from lens_merge.models import resolve_model
 
     ck = Checkpoint.open(resolve_model(checkpoint))
+    check_output(out, {"checkpoint": ck.root})
+    check_writable_parent(out)
+    cleanup_stale_temps(out, tags=list(OUTTYPES))
+    if exists(out) and not overwrite:
+        raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = ck.config()
     arch = _architecture(cfg, ck.root)
     src_dtype = _source_dtype(ck)
@@ -155,24 +153,18 @@ def export_gguf(
     vocab = load_vocab(ck.root, int(cfg["vocab_size"]), tokenizer_pre)
     n_params = sum(int(np.prod(p.shape)) for p in plans)
     meta = resolve_metadata(ck.root, metadata, n_params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(out, written.name)
-    tmp_q = None
-    try:
-        _write_file(tmp, arch, cfg, written, vocab, meta, plans, progress)
-        if ot.kquant:
-            tmp_q = _temp_sibling(out, ot.name)
-            with progress.task(f"llama.cpp quantize {ot.label}", total=1) as task:
-                quantize_with_llama_cpp(tmp, tmp_q, ot)
-                task.advance()
-            tmp.unlink()
-            tmp, tmp_q = tmp_q, None
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        if tmp_q is not None:
-            tmp_q.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as final:  # renamed over ``out`` only once complete
+        if not ot.kquant:
+            _write_file(final, arch, cfg, written, vocab, meta, plans, progress)
+        else:
+            lossless = temp_sibling(out, written.name)
+            try:
+                _write_file(lossless, arch, cfg, written, vocab, meta, plans, progress)
+                with progress.task(f"llama.cpp quantize {ot.label}", total=1) as task:
+                    quantize_with_llama_cpp(lossless, final, ot)
+                    task.advance()
+            finally:
+                lossless.unlink(missing_ok=True)
     if ot.kquant:  # llama.cpp chose the per-tensor types: read them back
         types, rows = _readback(out)
         fallbacks = [{"tensor": n, "shape": list(s), "wanted": ot.label, "used": t,

@@ -1,0 +1,131 @@
+"""The Lens stages as functions of a recipe: probe, train, eval (used by the CLI and the release
+pipeline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lens_merge.config import Recipe
+from lens_merge.data import load_prompts
+from lens_merge.files import write_json_atomic
+from lens_merge.lens.evaluate import EvalResult, effect_summary, evaluate, write_report
+from lens_merge.lens.probe import Subspace, probe
+from lens_merge.lens.train import TrainResult, train
+from lens_merge.progress import NULL, Progress
+from lens_merge.provenance import canonical_hash
+from lens_merge.weights.delta import DELTA_META, LensDelta
+
+
+def run_probe(recipe: Recipe, out_dir: str | Path, progress: Progress = NULL,
+              work_dir: str | Path | None = None) -> Subspace:
+    """Probe the recipe's base model on its probing texts; save and return the subspace.
+
+    With ``work_dir`` (the training stage's), a probe whose texts are among the training
+    prompts shares one forward pass with the training cache, which is written there for the
+    train stage to reuse (see ``_shared_pass``).
+    """
+    from lens_merge.models import load_model, load_tokenizer, resolve_model
+    from lens_merge.weights.checkpoint import Checkpoint
+
+    model_dir = resolve_model(recipe.base, progress=True)
+    texts_set = load_prompts(recipe.data.probe, recipe.languages, split="train",
+                             max_samples=recipe.data.max_probe_samples)
+    model = load_model(model_dir, dtype="fp32", device=recipe.device)
+    tok = load_tokenizer(model_dir)
+    texts = {lang: texts_set.texts(lang) for lang in recipe.languages}
+    meta = {"model": {"ref": recipe.base, "path": str(model_dir),
+                      "config_sha256": canonical_hash(Checkpoint.open(model_dir).config())},
+            "data": {"source": texts_set.source}}
+    shared = (_shared_pass(recipe, model_dir, model, tok, texts, Path(work_dir), progress)
+              if work_dir is not None else None)
+    sub = probe(model, tok, texts, pooling=recipe.probe.pooling, rank=recipe.probe.rank,
+                max_length=recipe.data.max_length, batch_size=recipe.probe.batch_size,
+                chat_template=recipe.probe.chat_template, meta=meta, progress=progress,
+                precomputed=shared)
+    sub.save(out_dir)
+    return sub
+
+
+def _shared_pass(recipe: Recipe, model_dir: Path, model, tok, texts: dict[str, list[str]],
+                 work_dir: Path, progress: Progress):
+    """Build the training cache now and take the probe's pooled states from the same pass.
+
+    Probing and caching both run the frozen model over prompts; when a language's probing
+    texts are all among its training prompts (the default recipe probes the first rows of
+    the training split), one pass serves both. Nothing is shared when the cache already
+    exists or no language is covered.
+
+    Returns:
+        ``{lang: [n_layers, len(texts[lang]), d]}`` for the covered languages, or None.
+    """
+    import torch
+
+    from lens_merge.architectures import for_config
+    from lens_merge.lens.hidden import pool_layers
+    from lens_merge.lens.train.cache import build_cache
+    from lens_merge.lens.train.loop import cache_path_for, input_scale_of
+
+    prompts = load_prompts(recipe.data.train, recipe.languages, split="train",
+                           max_samples=recipe.data.max_train_samples)
+    path = cache_path_for(work_dir, model_dir, prompts, recipe.train, recipe.data.max_length,
+                          recipe.probe.chat_template)
+    if path.is_file():
+        return None
+    where = {}
+    for lang in recipe.languages:
+        row_of = {t: i for i, t in enumerate(prompts.texts(lang))}
+        if all(t in row_of for t in texts[lang]):
+            where[lang] = [row_of[t] for t in texts[lang]]
+    if not where:
+        return None
+    pooled: dict[str, list] = {lang: [] for lang in where}
+
+    def observe(lang, hidden_states, mask):
+        if lang in pooled:
+            pooled[lang].append(pool_layers(hidden_states, mask, recipe.probe.pooling))
+
+    cache = build_cache(model, tok, prompts, recipe.train.top_k, recipe.data.max_length,
+                        recipe.train.cache_batch_size, recipe.probe.chat_template,
+                        input_scale_of(model.config, for_config(model.config.to_dict())),
+                        progress, observe)
+    cache.save(path)
+    return {lang: torch.cat(pooled[lang], 1)[:, where[lang]] for lang in where}
+
+
+def run_train(recipe: Recipe, subspace: Subspace, work_dir: str | Path,
+              progress: Progress = NULL) -> TrainResult:
+    """Train on the recipe's parallel prompts; returns the result with the (unsaved) delta."""
+    from lens_merge.models import resolve_model
+
+    model_dir = resolve_model(recipe.base, progress=True)
+    prompts = load_prompts(recipe.data.train, recipe.languages, split="train",
+                           max_samples=recipe.data.max_train_samples)
+    return train(model_dir, subspace, prompts, recipe.train, work_dir,
+                 max_length=recipe.data.max_length, chat_template=recipe.probe.chat_template,
+                 base_ref=recipe.base, cpu=recipe.device == "cpu", progress=progress)
+
+
+def run_eval(recipe: Recipe, delta: LensDelta, subspace: Subspace, out_dir: str | Path,
+             progress: Progress = NULL) -> dict:
+    """Evaluate base vs base+delta on held-out prompts; writes the report files into out_dir."""
+    from lens_merge.models import resolve_model
+
+    model_dir = resolve_model(recipe.base, progress=True)
+    prompts = load_prompts(recipe.data.eval, delta.languages or recipe.languages,
+                           split="heldout", max_samples=recipe.data.max_eval_samples)
+    result: EvalResult = evaluate(model_dir, delta, subspace, prompts,
+                                  max_length=recipe.data.max_length,
+                                  batch_size=recipe.eval.batch_size,
+                                  max_new_tokens=recipe.eval.max_new_tokens,
+                                  chat_template=recipe.probe.chat_template, progress=progress)
+    write_report(result, out_dir)
+    return result.report
+
+
+def record_effect(delta_dir: str | Path, report: dict) -> None:
+    """Record the measured effect in a saved delta's json (rewritten atomically)."""
+    p = Path(delta_dir) / DELTA_META
+    meta = json.loads(p.read_text())
+    meta["effect"] = effect_summary(report)
+    write_json_atomic(p, meta)

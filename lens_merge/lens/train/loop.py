@@ -1,0 +1,220 @@
+"""The Lens trainer: cached top-K training on accelerate (DDP/FSDP/DeepSpeed via ``launch``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lens_merge.architectures import for_config
+from lens_merge.config import TrainConfig
+from lens_merge.data import PromptSet
+from lens_merge.errors import DataError
+from lens_merge.lens.probe import Subspace
+from lens_merge.lens.train.cache import LensCache, build_cache
+from lens_merge.lens.train.losses import LossWeights, lens_losses
+from lens_merge.progress import NULL, Progress
+from lens_merge.provenance import canonical_hash
+from lens_merge.weights.checkpoint import Checkpoint, hash_entry
+from lens_merge.weights.delta import LensDelta
+
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    delta: LensDelta | None  # None on non-main processes
+    log_path: Path
+    final_losses: dict[str, float]
+    cache_path: Path
+    cache_reused: bool
+    steps: int
+
+
+def cache_key(model_dir: Path, prompts: PromptSet, cfg: TrainConfig, max_length: int,
+              chat_template: bool) -> str:
+    """Everything that determines the cache (not loss weights, lr or schedule)."""
+    ck = Checkpoint.open(model_dir)
+    return canonical_hash({
+        "config": ck.config(), "weights": {n: ck.index[n] for n in sorted(ck.index)},
+        "weights_meta": [str(s.stat().st_size) + s.name for s in ck.shards],
+        "rows": list(prompts.rows), "languages": list(prompts.languages), "top_k": cfg.top_k,
+        "max_length": max_length, "chat_template": chat_template, "version": 1,
+    })
+
+
+def cache_path_for(work_dir: str | Path, model_dir: Path, prompts: PromptSet, cfg: TrainConfig,
+                   max_length: int, chat_template: bool) -> Path:
+    """Where the cache of these prompts and settings lives under ``work_dir``."""
+    key = cache_key(model_dir, prompts, cfg, max_length, chat_template)
+    return Path(work_dir) / "cache" / f"{key[:16]}.pt"
+
+
+def input_scale_of(config, arch) -> float:
+    """The factor the model multiplies its input embeddings by (Gemma: sqrt(hidden))."""
+    return config.hidden_size ** 0.5 if arch.input_scale == "sqrt_hidden" else 1.0
+
+
+def train(
+    model_dir: str | Path,
+    subspace: Subspace,
+    prompts: PromptSet,
+    cfg: TrainConfig,
+    work_dir: str | Path,
+    max_length: int = 128,
+    chat_template: bool = True,
+    base_ref: str | None = None,
+    cpu: bool | None = None,
+    progress: Progress = NULL,
+) -> TrainResult:
+    """Train the top K blocks with the Lens losses and return the delta.
+
+    Args:
+        model_dir: the base model directory (already resolved).
+        subspace: probe output; its last layer is used.
+        prompts: parallel training prompts, languages in the subspace's order.
+        cfg: training hyperparameters and loss weights.
+        work_dir: holds the cache (``cache/<key>.pt``) and ``train_log.jsonl``.
+        max_length, chat_template: prompt encoding.
+        base_ref: how the user named the base (``default`` or a path), for provenance.
+        cpu: force CPU (default: accelerate decides; ``accelerate launch --cpu`` works).
+        progress: progress reporter (loss terms are shown beside the bar).
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from lens_merge.lens.train.stack import TopStack
+    from lens_merge.models import load_model, load_tokenizer
+
+    model_dir, work_dir = Path(model_dir), Path(work_dir)
+    if list(prompts.languages) != list(subspace.languages):
+        raise DataError(f"training languages {list(prompts.languages)} differ from the probed "
+                        f"languages {subspace.languages}")
+    acc = Accelerator(cpu=bool(cpu),
+                      mixed_precision="bf16" if cfg.dtype == "bf16" else "no",
+                      gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed)
+    model = load_model(model_dir, dtype="fp32", device="cpu")
+    arch = for_config(model.config.to_dict())
+    tok = load_tokenizer(model_dir)
+    input_scale = input_scale_of(model.config, arch)
+
+    cache_path = cache_path_for(work_dir, model_dir, prompts, cfg, max_length, chat_template)
+    reused = cache_path.is_file()
+    with acc.main_process_first():
+        if cache_path.is_file():
+            cache = LensCache.load(cache_path)
+        else:
+            model.to(acc.device)
+            cache = build_cache(model, tok, prompts, cfg.top_k, max_length,
+                                cfg.cache_batch_size, chat_template, input_scale,
+                                progress if acc.is_main_process else NULL)
+            if acc.is_main_process:
+                cache.save(cache_path)
+            model.to("cpu")
+
+    first = model.config.num_hidden_layers - cfg.top_k
+    names = [n for n, p in model.named_parameters()
+             if (b := arch.block_of(n)) is not None and b >= first
+             and not (cfg.freeze_norms and p.ndim == 1)]
+    base_state = {n: t.detach().clone() for n, t in _named(model, names).items()}
+    stack = TopStack(model, arch, cfg.top_k)
+    if cfg.freeze_norms:  # norms and biases keep the base's values: the delta is all-linear
+        for p in stack.parameters():
+            if p.ndim == 1:
+                p.requires_grad_(False)
+    ck = Checkpoint.open(model_dir)
+    base_hashes = {n: hash_entry(ck.entry(n)) for n in names}
+
+    sub = subspace.layer(-1)
+    deltas = torch.stack([subspace.delta_of(lang) for lang in prompts.languages[1:]]).float()
+    weights = LossWeights(cfg.lambda_retain, cfg.lambda_separate, cfg.lambda_align,
+                          cfg.separate_scale)
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(list(range(len(cache))), batch_size=cfg.batch_size,
+                                         shuffle=True, generator=g, collate_fn=cache.collate)
+    params = [p for p in stack.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stack, opt, loader = acc.prepare(stack, opt, loader)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total_steps),
+                                            total_steps)
+    L = len(prompts.languages)
+    log_path = work_dir / LOG_NAME
+    logf = open(log_path, "w") if acc.is_main_process else None
+    step, acc_terms, last = 0, {}, {}
+    try:
+        with (progress if acc.is_main_process else NULL).task("train (top blocks)",
+                                                              total=total_steps) as task:
+            for epoch in range(cfg.epochs):
+                for batch in loader:
+                    with acc.accumulate(stack):
+                        terms = _step_losses(stack, batch, L, sub, deltas, weights, acc.device)
+                        acc.backward(terms["loss"])
+                        if acc.sync_gradients and cfg.max_grad_norm:
+                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    for k, v in terms.items():
+                        acc_terms.setdefault(k, []).append(v.detach())
+                    if acc.sync_gradients:
+                        sched.step()
+                        step += 1
+                        last = {k: float(acc.reduce(torch.stack(v).mean(), "mean"))
+                                for k, v in acc_terms.items()}
+                        acc_terms = {}
+                        rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], **last}
+                        if logf:
+                            logf.write(json.dumps(rec) + "\n")
+                            logf.flush()
+                        task.advance(1, **{k: last[k] for k in ("loss", "retain", "separate",
+                                                                   "align")})
+    finally:
+        if logf:
+            logf.close()
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(stack)
+    unwrapped.restore()
+    trained = {n: t.detach().float().cpu() for n, t in _named(model, names).items()}
+    delta = None
+    if acc.is_main_process:
+        meta = {
+            "base": {"ref": base_ref or str(model_dir), "path": str(model_dir),
+                     "model_type": model.config.model_type, "architecture": arch.name,
+                     "num_hidden_layers": model.config.num_hidden_layers,
+                     "config_sha256": canonical_hash(Checkpoint.open(model_dir).config())},
+            "languages": list(prompts.languages), "top_k": cfg.top_k,
+            "blocks": list(range(first, model.config.num_hidden_layers)),
+            "loss_weights": {"retain": cfg.lambda_retain, "separate": cfg.lambda_separate,
+                             "align": cfg.lambda_align, "separate_scale": cfg.separate_scale},
+            "hyperparameters": cfg.model_dump() | {"max_length": max_length,
+                                                   "chat_template": chat_template,
+                                                   "optimizer_steps": step,
+                                                   "num_processes": acc.num_processes},
+            "final_losses": last,
+            "subspace_sha256": subspace.sha256,
+            "data": {"source": prompts.source, "rows": len(prompts)},
+        }
+        delta = LensDelta.from_weights(base_state, trained, base_hashes, meta)
+    return TrainResult(delta, log_path, last, cache_path, reused, step)
+
+
+def _named(model, names: list[str]) -> dict[str, Any]:
+    params = dict(model.named_parameters())
+    return {n: params[n] for n in names}
+
+
+def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device):
+    x = batch["x"].to(device)
+    mask = batch["mask"].to(device)
+    B = batch["ref_last"].shape[0]
+    h = stack(x, mask)  # [L*B, T, d]
+    z = h[:, -1, :].reshape(L, B, -1)
+    return lens_losses(
+        h[:B], mask[:B], z[0], z[1:].transpose(0, 1), batch["ref_mean_en"].to(device),
+        batch["ref_last"][:, 1:].to(device), deltas.to(device), sub, weights)

@@ -1,5 +1,0 @@
-"""Lens training (lens-method.md section 2): cached top-K training that yields a delta."""
-
-from lens_merge.train.loop import TrainResult, train
-
-__all__ = ["TrainResult", "train"]
