@@ -147,9 +147,47 @@ class OnnxConfig(_Strict):
                                     "max(1e-4, 1e-5 * max|logit|) for fp32")
 
 
+class _Rank(_Strict):
+    rank: Int | None = Field(None, gt=0, le=1 << 16, description="one rank for every tensor")
+    energy: Float | None = Field(None, gt=0, le=1, description="smallest rank per tensor "
+                                 "that keeps this fraction of the squared singular values")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give rank or energy, not both")
+        return self
+
+
+class LoraConfig(_Rank):
+    """A PEFT LoRA adapter of the delta (``adapters/peft``)."""
+
+    verify: bool = True
+
+
+class GGUFLoraConfig(_Rank):
+    """A llama.cpp LoRA adapter GGUF of the delta (needs an all-linear delta:
+    ``train.freeze_norms``)."""
+
+    outtype: Literal["f32", "f16"] = "f16"
+    verify: bool = Field(True, description="base GGUF + adapter vs the folded GGUF in llama.cpp "
+                         "(exports the base at outtype too)")
+
+
+class ControlVectorConfig(_Strict):
+    """One llama.cpp control vector GGUF per language from the probe's directions."""
+
+    languages: list[str] | None = Field(None, description="default: every target language")
+    layers: str | None = Field(None, description="'A-B' blocks; default: the trained top blocks")
+    scale: Float = Field(1.0, gt=0, le=MAX_WEIGHT)
+
+
 class ExportConfig(_Strict):
     gguf: GGUFConfig | None = Field(default_factory=GGUFConfig)
     onnx: OnnxConfig | None = Field(default_factory=OnnxConfig)
+    lora: LoraConfig | None = None
+    gguf_lora: GGUFLoraConfig | None = None
+    control_vectors: ControlVectorConfig | None = None
 
 
 class ReleaseConfig(_Strict):

@@ -235,6 +235,7 @@ class ReleaseLayout(BaseModel):
     fold_verify: str = "report/fold_verify.json"
     gguf_verify: str = "report/gguf_verify.json"
     onnx_verify: str = "report/onnx_verify.json"
+    adapters_verify: str = "report/adapters_verify.json"
     run_table: str = "report/run.json"
     manifest: str = ".lens_merge/manifest.json"
     state: str = ".lens_merge/state.json"
@@ -247,7 +248,8 @@ class ReleaseLayout(BaseModel):
     @property
     def verify_files(self) -> dict[str, str]:
         """Verification record of each checked artifact, by kind."""
-        return {"fold": self.fold_verify, "gguf": self.gguf_verify, "onnx": self.onnx_verify}
+        return {"fold": self.fold_verify, "gguf": self.gguf_verify, "onnx": self.onnx_verify,
+                "adapters": self.adapters_verify}
 
 
 # --------------------------------------------------------------------------- reading

@@ -10,8 +10,10 @@ export_app = typer.Typer(help="Export a folded checkpoint (GGUF for llama.cpp, O
 
 def register(app: typer.Typer) -> None:
     """Add the ``export`` command group to the root app."""
-    from lens_merge.cli import export_gguf, export_onnx
+    from lens_merge.cli import export_adapters, export_gguf, export_lora, export_onnx
 
     export_gguf.register(export_app)
     export_onnx.register(export_app)
+    export_lora.register(export_app)
+    export_adapters.register(export_app)
     app.add_typer(export_app, name="export")

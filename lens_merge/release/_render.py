@@ -158,7 +158,8 @@ def _parity(info: dict) -> list[str]:
 
     labels = {"fold": "Folded checkpoint vs base + delta at runtime",
               "gguf": "GGUF `{variant}` (llama.cpp) vs checkpoint",
-              "onnx": "ONNX Runtime `{variant}` vs checkpoint"}
+              "onnx": "ONNX Runtime `{variant}` vs checkpoint",
+              "adapters": "Adapter `{variant}` vs the folded model"}
     for kind, label in labels.items():
         ps = v.get(kind)
         if ps is None or not ps.reports:
@@ -168,7 +169,8 @@ def _parity(info: dict) -> list[str]:
                 lines.append(f"| {label.format(variant='').replace(' ``', '')} | not run | - |")
             continue
         for r in ps.reports:
-            shown = Path(r.subject).name if kind == "gguf" else r.variant or kind
+            shown = (Path(r.subject).name if kind in ("gguf", "adapters")
+                     else r.variant or kind)
             name = label.format(variant=_cell(shown))
             lines.append(f"| {name} | {'passed' if r.passed else 'failed'} | {numbers(r)} |")
     return lines + [""]
@@ -206,6 +208,7 @@ def _usage(info: dict) -> list[str]:
                   "GGUF files: " + ", ".join(f"`{n}` ({_size(s)})" for n, s in info["ggufs"]),
                   "", "```sh", f"hf download {repo} {pick} --local-dir .",
                   f"llama-cli -m {pick} -p {shlex.quote(prompt)} -n 64", "```", ""]
+    lines += _adapter_usage(info, repo, prompt)
     if info["onnx_file"]:
         lines += ["### ONNX Runtime", "", "```python",
                   "from optimum.onnxruntime import ORTModelForCausalLM",
@@ -219,6 +222,34 @@ def _usage(info: dict) -> list[str]:
                   "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
                   "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], "
                   "skip_special_tokens=True))", "```", ""]
+    return lines
+
+
+def _adapter_usage(info: dict, repo: str, prompt: str) -> list[str]:
+    """Usage of the adapters: the edit applied to a base the user already has."""
+    ad = info.get("adapters") or {}
+    base = info["base"]["base_model"]
+    lines: list[str] = []
+    if ad.get("peft"):
+        lines += ["### PEFT adapter (on the base model)", "", "```python",
+                  "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
+                  f"model = PeftModel.from_pretrained(base, {json.dumps(repo)}, "
+                  "subfolder=\"adapters/peft\")", "```", ""]
+    if ad.get("gguf_lora"):
+        f = ad["gguf_lora"]
+        lines += ["### llama.cpp LoRA adapter (on a base GGUF you already have)", "", "```sh",
+                  f"hf download {repo} adapters/{f} --local-dir .",
+                  f"llama-cli -m BASE.gguf --lora adapters/{f} -p {shlex.quote(prompt)} -n 64",
+                  "```", ""]
+    if ad.get("control_vectors"):
+        f = ad["control_vectors"][0]
+        lines += ["### llama.cpp control vectors (one per language)", "",
+                  "Files: " + ", ".join(f"`adapters/{x}`" for x in ad["control_vectors"]), "",
+                  "```sh", f"hf download {repo} adapters/{f} --local-dir .",
+                  f"llama-cli -m BASE.gguf --control-vector-scaled adapters/{f} 1.0 "
+                  f"-p {shlex.quote(prompt)} -n 64", "```", ""]
     return lines
 
 

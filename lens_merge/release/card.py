@@ -160,6 +160,16 @@ def _onnx_file(onnx_dir: Path) -> str | None:
     return "model.onnx" if "model.onnx" in files else files[0]
 
 
+def _adapters(d: Path) -> dict[str, Any]:
+    """What ``adapters/`` holds: the PEFT folder, the LoRA GGUF, the control vectors."""
+    if not d.is_dir():
+        return {}
+    ggufs = sorted(p.name for p in d.glob("*.gguf"))
+    return {"peft": (d / "peft" / "adapter_config.json").is_file(),
+            "gguf_lora": next((g for g in ggufs if "-LoRA-" in g), None),
+            "control_vectors": [g for g in ggufs if "-cv-" in g]}
+
+
 def gather(release_dir: Path, recipe: dict | None = None,
            repo_id: str | None = None) -> dict[str, Any]:
     """Collect everything the card shows from a release folder (no pictures drawn).
@@ -194,7 +204,7 @@ def gather(release_dir: Path, recipe: dict | None = None,
         or model_cfg.get("num_hidden_layers"),
         "report": read_json(root / REPORT), "verify": verify,
         "ggufs": [(p.name, p.stat().st_size) for p in ggufs], "onnx_file": onnx_file,
-        "chat_template": _chat_template(root / "model"),
+        "chat_template": _chat_template(root / "model"), "adapters": _adapters(root / "adapters"),
         "fold_meta": read_json(root / "model" / "lens_merge.json"),
     }
 

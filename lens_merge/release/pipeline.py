@@ -79,7 +79,7 @@ def _remove_stale_temps(layout: ReleaseLayout) -> list[Path]:
     ``lens_merge.files.temp_sibling``), removed before any stage writes new ones; an output
     moved aside and never replaced is put back first."""
     names = {"recipe", "state", "run_table", "manifest", "delta", "model", "gguf", "onnx",
-             "report", "card"}
+             "adapters", "report", "card"}
     names |= {o for stage in STAGES for o in stage.outputs}
     removed = []
     for name in sorted(names):

@@ -20,6 +20,7 @@ from lens_merge.files import file_sha256, write_json_atomic
 from lens_merge.progress import Progress
 from lens_merge.provenance import canonical_hash
 from lens_merge.records import ParitySet, ReleaseLayout
+from lens_merge.release import adapter_stage
 
 
 @dataclass
@@ -280,7 +281,7 @@ def _onnx_run(ctx: Context) -> dict:
 
 def _card_inputs(ctx: Context) -> dict:
     return {s: ctx.out_hash(s) for s in ("probe", "train", "eval", "fold", "verify", "gguf",
-                                         "onnx")} | {"recipe": ctx.recipe.model_dump()}
+                                         "onnx", "adapters")} | {"recipe": ctx.recipe.model_dump()}
 
 
 def _card_run(ctx: Context) -> dict:
@@ -292,7 +293,7 @@ def _card_run(ctx: Context) -> dict:
 
 def _push_inputs(ctx: Context) -> dict:
     return {"card": ctx.out_hash("card"), "release": ctx.recipe.release.model_dump(),
-            "all": [ctx.out_hash(s) for s in ("train", "fold", "gguf", "onnx")]}
+            "all": [ctx.out_hash(s) for s in ("train", "fold", "gguf", "onnx", "adapters")]}
 
 
 def _push_run(ctx: Context) -> dict:
@@ -315,6 +316,8 @@ STAGES: tuple[Stage, ...] = (
           lambda ctx: bool(ctx.recipe.export.gguf and ctx.recipe.export.gguf.outtypes)),
     Stage("onnx", ("onnx", "onnx_verify"), _onnx_inputs, _onnx_run,
           lambda ctx: bool(ctx.recipe.export.onnx and ctx.recipe.export.onnx.enabled)),
+    Stage("adapters", ("adapters", "adapters_verify"), adapter_stage.inputs, adapter_stage.run,
+          adapter_stage.enabled),
     Stage("card", ("card", "states_png", "losses_png"), _card_inputs, _card_run),
     Stage("push", (), _push_inputs, _push_run,
           lambda ctx: bool(ctx.push and ctx.recipe.release.repo_id)),

@@ -13,7 +13,7 @@ from lens_merge.errors import PublishError, RecordError
 from lens_merge.records import ParitySet, ReleaseLayout, read_json, validate_record
 
 ONNX_RECORD = "onnx/lens_merge_export.json"
-KINDS = ("fold", "gguf", "onnx")
+KINDS = ("fold", "gguf", "onnx", "adapters")
 
 
 def read_parity(layout: ReleaseLayout, kind: str) -> ParitySet | None:

@@ -10,8 +10,8 @@ import zlib
 from typing import TYPE_CHECKING
 
 from lens_merge.errors import FoldError, ModelError
-from lens_merge.weights.shard_writer import COPY_CHUNK
 from lens_merge.weights.checkpoint import TensorEntry
+from lens_merge.weights.shard_writer import COPY_CHUNK
 
 if TYPE_CHECKING:
     import torch

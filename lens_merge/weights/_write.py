@@ -30,7 +30,6 @@ from lens_merge.weights._report import (
     WEIGHT_SUFFIXES,
     FoldReport,
 )
-from lens_merge.weights.shard_writer import ShardWriter
 from lens_merge.weights._source import Source, load_pickle, out_shard_name
 from lens_merge.weights._tensors import ST_DTYPES, apply, crc32, st_dtype, tensor_bytes
 from lens_merge.weights.checkpoint import (
@@ -39,6 +38,7 @@ from lens_merge.weights.checkpoint import (
     read_safetensors_header,
     shard_entries,
 )
+from lens_merge.weights.shard_writer import ShardWriter
 
 if TYPE_CHECKING:
     from lens_merge.weights.delta import LensDelta

@@ -172,3 +172,36 @@ def test_failed_run_keeps_recipe_and_clears_stale_temps(tmp_path, tiny_model):
     assert (root / "delta" / "lens_delta.json").read_text() == "{}"  # put back, not deleted
     run = json.loads((root / "report" / "run.json").read_text())
     assert [s["status"] for s in run["stages"]] == ["failed"]
+
+
+@requires_llama
+def test_run_exports_adapters_into_the_release(tmp_path, tiny_model):
+    """export.lora, export.gguf_lora and export.control_vectors: adapters/ in the release, their
+    checks in report/adapters_verify.json, a usage block each in the card, all in the manifest."""
+    pytest.importorskip("peft", reason="needs peft: pip install '.[lora]'")
+    import lens_merge.release.manifest as manifest
+    from lens_merge.records import ParitySet, ReleaseLayout, read_record
+
+    r = _recipe(tmp_path, tiny_model("llama"),
+                train={"top_k": 2, "lr": 1e-3, "epochs": 1, "batch_size": 4, "grad_accum": 1,
+                       "freeze_norms": True},
+                export={"gguf": {"outtypes": ["f32"], "verify": False,
+                                 "tokenizer_pre": TINY_TOKENIZER_PRE},
+                        "onnx": None, "lora": {}, "gguf_lora": {"outtype": "f32"},
+                        "control_vectors": {"languages": ["zh"]}})
+    status = {x.name: x.status for x in run_recipe(r, push=False)}
+    assert status["adapters"] == "ran"
+    root = r.release_dir
+    ad = root / "adapters"
+    assert (ad / "peft" / "adapter_config.json").is_file()
+    assert (ad / "Tiny-Lens-LoRA-F32.gguf").is_file() and (ad / "Tiny-Lens-cv-zh.gguf").is_file()
+    checks = read_record(root / "report/adapters_verify.json", ParitySet)
+    assert checks.passed and {r.kind for r in checks.reports} == {"lora", "gguf_lora"}
+    peft_rep = next(x for x in checks.reports if x.kind == "lora")
+    assert peft_rep.metrics["max_abs_logit_diff"] <= 1e-4  # full rank, all-linear delta
+    card = (root / "README.md").read_text()
+    assert 'subfolder="adapters/peft"' in card
+    assert "--lora adapters/Tiny-Lens-LoRA-F32.gguf" in card
+    assert "--control-vector-scaled adapters/Tiny-Lens-cv-zh.gguf" in card
+    listed = manifest.load(ReleaseLayout(root=root)).files
+    assert "adapters/Tiny-Lens-LoRA-F32.gguf" in listed and "report/adapters_verify.json" in listed

@@ -1,0 +1,106 @@
+"""The ``adapters`` stage of ``lens-merge run``: the Lens edit without new weights.
+
+Into ``adapters/`` of the release: a PEFT LoRA adapter (``adapters/peft/``), a llama.cpp LoRA
+GGUF (``<Name>-LoRA-<TYPE>.gguf``) and one llama.cpp control vector per language
+(``<Name>-cv-<lang>.gguf``), as the recipe's ``export.lora``, ``export.gguf_lora`` and
+``export.control_vectors`` ask. Checks land in ``report/adapters_verify.json`` as a ParitySet.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lens_merge.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from lens_merge.release.stages import Context
+
+PEFT_DIR = "peft"
+
+
+def enabled(ctx: Context) -> bool:
+    e = ctx.recipe.export
+    return bool(e.lora or e.gguf_lora or e.control_vectors)
+
+
+def inputs(ctx: Context) -> dict:
+    e = ctx.recipe.export
+    return {"delta": ctx.out_hash("train"), "probe": ctx.out_hash("probe"),
+            "model": ctx.out_hash("fold"), "name": ctx.model_name,
+            "languages": ctx.recipe.languages, "top_k": ctx.recipe.train.top_k,
+            **{k: (getattr(e, k).model_dump() if getattr(e, k) else None)
+               for k in ("lora", "gguf_lora", "control_vectors")}}
+
+
+def run(ctx: Context) -> dict:
+    from lens_merge.errors import VerificationError
+    from lens_merge.records import ParitySet
+
+    e = ctx.recipe.export
+    out = ctx.p("adapters")
+    out.mkdir(parents=True, exist_ok=True)
+    reports, numbers, failed = [], {}, None
+    for kind, job in (("lora", _peft), ("gguf_lora", _gguf_lora), ("cv", _control_vectors)):
+        cfg = {"lora": e.lora, "gguf_lora": e.gguf_lora, "cv": e.control_vectors}[kind]
+        if cfg is None:
+            continue
+        try:
+            got, nums = job(ctx, cfg)
+        except VerificationError as exc:
+            got, nums, failed = [exc.report], {}, failed or exc
+        reports += got
+        numbers |= nums
+    write_json_atomic(ctx.p("adapters_verify"), ParitySet(reports=reports).dump())
+    if failed:
+        raise failed
+    return numbers
+
+
+def _peft(ctx: Context, cfg: Any) -> tuple[list, dict]:
+    from lens_merge.adapters.peft_lora import export_peft_lora, verify_peft_lora
+
+    d = ctx.p("adapters") / PEFT_DIR
+    rep = export_peft_lora(ctx.p("delta"), d, rank=cfg.rank, energy=cfg.energy,
+                           base=ctx.recipe.base, overwrite=True)
+    nums = {"peft_bytes": rep.get("bytes")} if isinstance(rep, dict) else {}
+    if not cfg.verify:
+        return [], nums
+    v = verify_peft_lora(ctx.recipe.base, d, ctx.p("model"), languages=ctx.recipe.languages,
+                         raise_on_failure=True, write_report=False, progress=ctx.progress)
+    return [v], nums | {"peft_max_abs_logit_diff": v.metrics.get("max_abs_logit_diff")}
+
+
+def _gguf_lora(ctx: Context, cfg: Any) -> tuple[list, dict]:
+    from lens_merge.adapters.gguf_lora import export_gguf_lora
+
+    path = ctx.p("adapters") / f"{ctx.model_name}-LoRA-{cfg.outtype.upper()}.gguf"
+    export_gguf_lora(ctx.p("delta"), ctx.recipe.base, path, rank=cfg.rank, energy=cfg.energy,
+                     outtype=cfg.outtype, overwrite=True)
+    if not cfg.verify:
+        return [], {}
+    from lens_merge.adapters._lora_check import verify_gguf_lora
+    from lens_merge.export.gguf import export_gguf
+    from lens_merge.models import resolve_model
+
+    work = ctx.p("work") / "adapters"
+    work.mkdir(parents=True, exist_ok=True)
+    base_gguf, folded_gguf = work / f"base-{cfg.outtype}.gguf", work / f"folded-{cfg.outtype}.gguf"
+    pre = ctx.recipe.export.gguf.tokenizer_pre if ctx.recipe.export.gguf else None
+    export_gguf(resolve_model(ctx.recipe.base), base_gguf, outtype=cfg.outtype,
+                tokenizer_pre=pre, overwrite=True)
+    export_gguf(ctx.p("model"), folded_gguf, outtype=cfg.outtype, tokenizer_pre=pre,
+                overwrite=True)
+    v = verify_gguf_lora(base_gguf, path, folded_gguf, languages=ctx.recipe.languages,
+                         progress=ctx.progress)
+    return [v], {"gguf_lora_top1": v.metrics.get("top1_agreement")}
+
+
+def _control_vectors(ctx: Context, cfg: Any) -> tuple[list, dict]:
+    from lens_merge.adapters.control_vector import export_control_vector
+
+    langs = cfg.languages or [x for x in ctx.recipe.languages if x != "en"]
+    for lang in langs:
+        export_control_vector(ctx.p("subspace"), ctx.p("adapters") / f"{ctx.model_name}-cv-"
+                              f"{lang}.gguf", lang, layers=cfg.layers, scale=cfg.scale,
+                              overwrite=True)
+    return [], {"control_vectors": len(langs)}
