@@ -37,7 +37,8 @@ def test_run_all_stages_then_skip_then_force(tmp_path, tiny_model):
     first = run_recipe(r, push=False)
     status = {x.name: x.status for x in first}
     assert status == {"probe": "ran", "train": "ran", "eval": "ran", "fold": "ran",
-                      "verify": "ran", "gguf": "ran", "onnx": "disabled", "card": "ran",
+                      "verify": "ran", "gguf": "ran", "onnx": "disabled", "adapters": "disabled",
+                      "card": "ran",
                       "push": "disabled"}
     root = r.release_dir
     for rel in ("README.md", "recipe.yaml", "delta/lens_delta.json", "model/config.json",
