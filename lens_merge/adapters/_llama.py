@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from lens_merge.errors import AdapterError
-from lens_merge.parity.metrics import DistinctContexts
+from lens_merge.parity.metrics import GenerationTally
 
 
 def require_llama(what: str):
@@ -137,29 +137,6 @@ def n_layer_of(llm) -> int:
     return int(llama_cpp.llama_model_n_layer(llm.model))
 
 
-class Tally:
-    """Running numbers of one group of prompts (all of them, or one language)."""
-
-    def __init__(self) -> None:
-        self.top1 = DistinctContexts()
-        self.worst = 0.0
-        self.n = self.same_gen = self.same_first = 0
-
-    def add(self, ids: list[int], row: dict[str, Any], same: list[bool]) -> tuple[int, int]:
-        self.worst = max(self.worst, row["max_abs_logit_diff"])
-        self.n += 1
-        self.same_gen += int(row["generation_match"])
-        self.same_first += int(row["first_token_match"])
-        return self.top1.add(ids, same)
-
-    def metrics(self) -> dict[str, float | int]:
-        n = max(self.n, 1)
-        return {"max_abs_logit_diff": self.worst, "top1_agreement": self.top1.agreement,
-                "top1_agreement_all_positions": self.top1.agreement_all_positions,
-                "generation_match": self.same_gen / n, "first_token_agreement": self.same_first / n,
-                "n_contexts": self.top1.n, "n_positions": self.top1.n_all, "n_prompts": self.n}
-
-
 def compare_row(lang: str, text: str, ids: list[int], ref: np.ndarray, got: np.ndarray,
                 ref_gen: list[int], got_gen: list[int], texts: tuple[str, str]
                 ) -> tuple[dict[str, Any], list[bool]]:
@@ -182,10 +159,10 @@ def compare_row(lang: str, text: str, ids: list[int], ref: np.ndarray, got: np.n
 
 
 def tally_rows(rows: list[tuple[list[int], dict[str, Any], list[bool]]]
-               ) -> tuple[Tally, dict[str, Tally]]:
+               ) -> tuple[GenerationTally, dict[str, GenerationTally]]:
     """Totals and per-language tallies of compared rows (row gains ``n_new_contexts``)."""
-    total, per_lang = Tally(), {}
+    total, per_lang = GenerationTally(), {}
     for ids, row, same in rows:
         row["n_new_contexts"], row["top1_same_new"] = total.add(ids, row, same)
-        per_lang.setdefault(row["language"], Tally()).add(ids, row, same)
+        per_lang.setdefault(row["language"], GenerationTally()).add(ids, row, same)
     return total, per_lang

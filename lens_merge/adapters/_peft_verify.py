@@ -140,7 +140,7 @@ def verify_peft_lora(
     from lens_merge.weights._source import resolve_base
     from lens_merge.weights.checkpoint import Checkpoint
     from lens_merge.weights.delta import LensDelta
-    from lens_merge.weights.verify import _Tally
+    from lens_merge.weights.verify import LogitTally
 
     t0 = time.perf_counter()
     adapter = Path(adapter_dir)
@@ -190,12 +190,12 @@ def verify_peft_lora(
             kept = LensDelta(tensors={n: t for n, t in delta.tensors.items()
                                       if n not in prov.dropped}, meta=delta.meta)
             dropped = run(_with_delta(load_model(base_dir, dtype="fp32"), kept), task)
-    total, per_lang, drop_tally, rows = _Tally(), {}, _Tally(), []
+    total, per_lang, drop_tally, rows = LogitTally(), {}, LogitTally(), []
     adapter_diff = 0.0
     for i, (lang, text) in enumerate(items):
         ids, r = ref[i]
         g, own_logits = got[i][1], layout[i][1]
-        diff = total_add(total, per_lang.setdefault(lang, _Tally()), ids, r, g)
+        diff = total_add(total, per_lang.setdefault(lang, LogitTally()), ids, r, g)
         a_diff = max_abs_diff(own_logits, g)
         adapter_diff = max(adapter_diff, a_diff)
         if dropped is not None:

@@ -91,3 +91,40 @@ class DistinctContexts:
     @property
     def agreement_all_positions(self) -> float:
         return self.same_all / self.n_all if self.n_all else 1.0
+
+
+class GenerationTally:
+    """Running numbers of a group of compared prompts (all of them, or one language).
+
+    Each ``add`` takes a prompt's row (``max_abs_logit_diff``, ``generation_match``,
+    ``first_token_match`` and, where the verifier checks tokenization, ``tokenization_match``)
+    and its per-position top-1 agreement, counted over distinct contexts.
+    """
+
+    def __init__(self) -> None:
+        self.top1 = DistinctContexts()
+        self.worst = 0.0
+        self.n = self.same_gen = self.same_first = self.same_tokens = self.n_tokenized = 0
+
+    def add(self, ids: Sequence[int], row: dict[str, Any], same: Sequence[bool]
+            ) -> tuple[int, int]:
+        """Record one prompt; returns (new contexts, agreeing among them)."""
+        self.worst = max(self.worst, row["max_abs_logit_diff"])
+        self.n += 1
+        self.same_gen += int(row["generation_match"])
+        self.same_first += int(row["first_token_match"])
+        if "tokenization_match" in row:
+            self.n_tokenized += 1
+            self.same_tokens += int(row["tokenization_match"])
+        return self.top1.add(ids, same)
+
+    def metrics(self) -> dict[str, float | int]:
+        n = max(self.n, 1)
+        out: dict[str, float | int] = {
+            "max_abs_logit_diff": self.worst, "top1_agreement": self.top1.agreement,
+            "top1_agreement_all_positions": self.top1.agreement_all_positions,
+            "generation_match": self.same_gen / n, "first_token_agreement": self.same_first / n,
+            "n_contexts": self.top1.n, "n_positions": self.top1.n_all, "n_prompts": self.n}
+        if self.n_tokenized:
+            out["tokenization_match"] = self.same_tokens / self.n_tokenized
+        return out

@@ -48,7 +48,7 @@ def fold_limits(dtype: str, tolerance: float | None = None) -> tuple[dict[str, f
     return limits, []
 
 
-class _Tally:
+class LogitTally:
     """Running numbers of one group of prompts (all of them, or one language)."""
 
     def __init__(self) -> None:
@@ -150,7 +150,7 @@ def verify_fold(
                         "base dtype")
     if not items:
         problems.append("no prompts to compare")
-    total, per_lang, rows = _Tally(), {}, []
+    total, per_lang, rows = LogitTally(), {}, []
     with torch.no_grad(), progress.task("verify fold", len(items)) as task:
         for chunk in batches(items, batch_size):
             enc = {k: v.to(device) for k, v in
@@ -162,7 +162,7 @@ def verify_fold(
                 ra, rb, ids = a[i][m], b[i][m], enc["input_ids"][i][m].tolist()
                 diff, same, kl = max_abs_diff(ra, rb), top1_same(ra, rb), kl_per_position(ra, rb)
                 total.add(ids, diff, same, kl)
-                per_lang.setdefault(lang, _Tally()).add(ids, diff, same, kl)
+                per_lang.setdefault(lang, LogitTally()).add(ids, diff, same, kl)
                 rows.append({"language": lang, "prompt": text, "n_tokens": len(ids),
                              "max_abs_logit_diff": diff,
                              "top1_agreement": sum(same) / max(len(same), 1)})

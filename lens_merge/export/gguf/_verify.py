@@ -28,7 +28,7 @@ from lens_merge.export.gguf._engines import (
     llama_greedy,
 )
 from lens_merge.export.gguf._quantize import require_llama_cpp
-from lens_merge.parity.metrics import DistinctContexts, first_mismatch, max_abs_diff, top1_same
+from lens_merge.parity.metrics import GenerationTally, first_mismatch, max_abs_diff, top1_same
 from lens_merge.parity.prompts import parity_prompts
 from lens_merge.parity.thresholds import THRESHOLDS, checks_for, thresholds_for
 from lens_merge.progress import NULL, Progress
@@ -36,31 +36,6 @@ from lens_merge.provenance import now_iso
 from lens_merge.records import ParityReport, parity_report
 
 KIND = "gguf"
-
-
-class _Tally:
-    """Running numbers of one group of prompts (all of them, or one language)."""
-
-    def __init__(self) -> None:
-        self.top1 = DistinctContexts()
-        self.worst = 0.0
-        self.n = self.same_gen = self.same_first = self.same_tokens = 0
-
-    def add(self, ids: list[int], row: dict[str, Any], same: list[bool]) -> tuple[int, int]:
-        self.worst = max(self.worst, row["max_abs_logit_diff"])
-        self.n += 1
-        self.same_gen += int(row["generation_match"])
-        self.same_first += int(row["first_token_match"])
-        self.same_tokens += int(row["tokenization_match"])
-        return self.top1.add(ids, same)
-
-    def metrics(self) -> dict[str, float | int]:
-        n = max(self.n, 1)
-        return {"max_abs_logit_diff": self.worst, "top1_agreement": self.top1.agreement,
-                "top1_agreement_all_positions": self.top1.agreement_all_positions,
-                "generation_match": self.same_gen / n, "first_token_agreement": self.same_first / n,
-                "tokenization_match": self.same_tokens / n, "n_contexts": self.top1.n,
-                "n_positions": self.top1.n_all}
 
 
 def _limits(outtype: str | None, file_type: int | None, path: Path) -> dict[str, float]:
@@ -71,7 +46,7 @@ def _limits(outtype: str | None, file_type: int | None, path: Path) -> dict[str,
                           f"pass outtype= one of {', '.join(THRESHOLDS[KIND])}") from None
 
 
-def _problems(tally: _Tally, template_match: bool | None) -> list[str]:
+def _problems(tally: GenerationTally, template_match: bool | None) -> list[str]:
     out = []
     if tally.same_tokens < tally.n:
         out.append(f"llama.cpp tokenizes {tally.n - tally.same_tokens} of {tally.n} prompts "
@@ -182,14 +157,14 @@ def verify_gguf(
 
 def _compare(llm, tok, checkpoint: Path, encoded: list, max_new_tokens: int, eos: set[int],
              templated: bool, reference: dict, progress: Progress, label: str
-             ) -> tuple[_Tally, dict[str, _Tally], list[dict[str, Any]]]:
+             ) -> tuple[GenerationTally, dict[str, GenerationTally], list[dict[str, Any]]]:
     """Run every prompt through both engines; returns the totals, per language, and rows."""
     import torch
 
     from lens_merge.models import load_model
 
     model = None
-    total, per_lang, rows = _Tally(), {}, []
+    total, per_lang, rows = GenerationTally(), {}, []
     with progress.task(f"verify {label}", total=len(encoded)) as task:
         for lang, text, shown, ids in encoded:
             key = (str(checkpoint), tuple(ids), max_new_tokens, tuple(sorted(eos)))
@@ -226,7 +201,7 @@ def _compare(llm, tok, checkpoint: Path, encoded: list, max_new_tokens: int, eos
             # is counted once: one near-tie there must not weigh once per prompt
             row["n_new_contexts"], row["top1_same_new"] = total.add(ids, row, same)
             row["top1_same_all"] = sum(same)
-            per_lang.setdefault(lang, _Tally()).add(ids, row, same)
+            per_lang.setdefault(lang, GenerationTally()).add(ids, row, same)
             rows.append(row)
             task.advance(1, lang=lang, diff=row["max_abs_logit_diff"])
     return total, per_lang, rows
