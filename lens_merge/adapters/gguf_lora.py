@@ -45,19 +45,14 @@ def lora_architecture(cfg: dict, root: Path) -> Architecture:
     Raises:
         AdapterError: listing the supported model types.
     """
-    from lens_merge.architectures import for_config
-    from lens_merge.export.gguf._hparams import SUPPORTED
-    from lens_merge.export.gguf._writer import supported_model_types
+    from lens_merge.errors import ExportError
+    from lens_merge.export.gguf._writer import gguf_architecture
 
     try:
-        arch = for_config(cfg)
-    except Exception:  # noqa: BLE001 - re-raised with the supported list below
-        arch = None
-    if arch is None or not arch.gguf or arch.gguf.get("arch") not in SUPPORTED:
-        raise AdapterError(f"{root}: model_type {cfg.get('model_type')!r} cannot get a llama.cpp "
-                           f"LoRA adapter from lens-merge (its GGUF export does not support it); "
-                           f"supported: {', '.join(supported_model_types())}")
-    return arch
+        return gguf_architecture(cfg, root)
+    except ExportError as exc:
+        raise AdapterError(f"{exc} (llama.cpp LoRA adapters are exported for the same "
+                           "architectures as GGUF models)") from None
 
 
 def _pairs_from_delta(delta: LensDelta, base_dir: Path, arch: Architecture,

@@ -38,7 +38,8 @@ def supported_model_types() -> list[str]:
                   for t in a.model_types)
 
 
-def _architecture(cfg: dict, root: Path) -> Architecture:
+def gguf_architecture(cfg: dict, root: Path) -> Architecture:
+    """The weight-name table of a model the GGUF exporter supports (else ExportError)."""
     try:
         arch = for_config(cfg)
     except Exception:  # noqa: BLE001 - re-raised with the GGUF list below
@@ -146,7 +147,7 @@ def export_gguf(
     if exists(out) and not overwrite:
         raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = ck.config()
-    arch = _architecture(cfg, ck.root)
+    arch = gguf_architecture(cfg, ck.root)
     src_dtype = _source_dtype(ck)
     written = get_outtype(INTERMEDIATE.get(src_dtype, "f32")) if ot.kquant else ot
     plans = plan_tensors(ck, arch, cfg, written)
