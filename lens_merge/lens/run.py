@@ -3,7 +3,6 @@ pipeline)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lens_merge.config import Recipe
@@ -14,7 +13,7 @@ from lens_merge.lens.probe import Subspace, probe
 from lens_merge.lens.train import TrainResult, train
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import canonical_hash
-from lens_merge.weights.delta import DELTA_META, LensDelta
+from lens_merge.weights.delta import DELTA_META, LensDelta, read_meta
 
 
 def run_probe(recipe: Recipe, out_dir: str | Path, progress: Progress = NULL,
@@ -126,6 +125,6 @@ def run_eval(recipe: Recipe, delta: LensDelta, subspace: Subspace, out_dir: str 
 def record_effect(delta_dir: str | Path, report: dict) -> None:
     """Record the measured effect in a saved delta's json (rewritten atomically)."""
     p = Path(delta_dir) / DELTA_META
-    meta = json.loads(p.read_text())
+    meta = read_meta(p)
     meta["effect"] = effect_summary(report)
     write_json_atomic(p, meta)

@@ -15,7 +15,8 @@ from typing import Any
 
 import lens_merge.release._render as _render
 import lens_merge.release.manifest as manifest
-from lens_merge.errors import PublishError
+from lens_merge import records
+from lens_merge.errors import PublishError, RecordError
 from lens_merge.files import write_text_atomic
 from lens_merge.progress import NULL, Progress
 from lens_merge.records import ReleaseLayout
@@ -44,9 +45,9 @@ def read_json(path: Path, required: bool = False) -> Any:
                                "`lens-merge run` for the stage that writes it)")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PublishError(f"{path}: invalid JSON ({exc})") from exc
+        return records.read_json(path)
+    except RecordError as exc:
+        raise PublishError(str(exc)) from None
 
 
 def read_recipe(release_dir: Path) -> dict | None:
