@@ -180,6 +180,20 @@ class ControlVectorConfig(_Strict):
     languages: list[str] | None = Field(None, description="default: every target language")
     layers: str | None = Field(None, description="'A-B' blocks; default: the trained top blocks")
     scale: Float = Field(1.0, gt=0, le=MAX_WEIGHT)
+    verify: bool = Field(True, description="llama.cpp with each vector vs transformers with the "
+                         "same vector added by hooks, on the base GGUF (f16)")
+    effect_scales: list[Float] = Field([0.05, 0.1, 0.2], max_length=8,
+                                       description="run-time scales at which the share of "
+                                       "replies in the vector's language is measured; [] to skip")
+    effect_prompts: Int = Field(8, gt=0, le=MAX_SAMPLES, description="held-out English "
+                                "prompts per language for the effect table")
+
+    @field_validator("effect_scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s <= MAX_WEIGHT for s in v):
+            raise ValueError(f"every effect scale must be in (0, {MAX_WEIGHT}], got {v}")
+        return v
 
 
 class ExportConfig(_Strict):

@@ -236,6 +236,7 @@ class ReleaseLayout(BaseModel):
     gguf_verify: str = "report/gguf_verify.json"
     onnx_verify: str = "report/onnx_verify.json"
     adapters_verify: str = "report/adapters_verify.json"
+    cv_effect: str = "report/control_vector_effect.json"
     run_table: str = "report/run.json"
     manifest: str = ".lens_merge/manifest.json"
     state: str = ".lens_merge/state.json"

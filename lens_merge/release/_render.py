@@ -253,7 +253,27 @@ def _adapter_usage(info: dict, repo: str, prompt: str) -> list[str]:
                   "```sh", f"hf download {repo} adapters/{f} --local-dir .",
                   f"llama-cli -m BASE.gguf --control-vector-scaled adapters/{f} 0.1 "
                   f"-p {shlex.quote(prompt)} -n 64", "```", ""]
+        lines += _cv_effect(info.get("cv_effect"))
     return lines
+
+
+def _cv_effect(effect: dict | None) -> list[str]:
+    """The control vectors' measured effect: share of replies to English prompts that come
+    out in the vector's language, per run-time scale (0 = the base model)."""
+    langs = (effect or {}).get("languages") or {}
+    if not langs:
+        return []
+    scales = sorted({float(r["scale"]) for e in langs.values() for r in e.get("rows", [])})
+    n = next(iter(langs.values())).get("n_prompts", "?")
+    lines = [f"Replies in the vector's language to {n} held-out English prompts (greedy, "
+             "32 tokens, llama.cpp on the f16 base), by `--control-vector-scaled` scale:", "",
+             "| language | " + " | ".join(f"{s:g}" for s in scales) + " |",
+             "| --- |" + " --- |" * len(scales)]
+    for lang, e in langs.items():
+        share = {float(r["scale"]): r["share_in_language"] for r in e.get("rows", [])}
+        lines.append(f"| {lang} | " + " | ".join(
+            f"{share[s]:.0%}" if s in share else "-" for s in scales) + " |")
+    return lines + [""]
 
 
 def _provenance(info: dict) -> list[str]:

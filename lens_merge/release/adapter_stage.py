@@ -51,8 +51,12 @@ def run(ctx: Context) -> dict:
         reports += got
         numbers |= nums
     write_json_atomic(ctx.p("adapters_verify"), ParitySet(reports=reports).dump())
-    if failed:
-        raise failed
+    bad = [r for r in reports if not r.passed]
+    if failed or bad:
+        raise failed or VerificationError(
+            "adapter verification failed: " + "; ".join(
+                f"{r.kind} {r.variant or ''}: {', '.join(r.failures)}" for r in bad),
+            ParitySet(reports=reports))
     return numbers
 
 
@@ -70,6 +74,21 @@ def _peft(ctx: Context, cfg: Any) -> tuple[list, dict]:
     return [v], nums | {"peft_max_abs_logit_diff": v.metrics.get("max_abs_logit_diff")}
 
 
+def _base_gguf(ctx: Context, outtype: str):
+    """The base model as a GGUF of ``outtype`` in the work dir (built once per run)."""
+    from lens_merge.export.gguf import export_gguf
+    from lens_merge.models import resolve_model
+
+    work = ctx.p("work") / "adapters"
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"base-{outtype}.gguf"
+    if not path.is_file():
+        pre = ctx.recipe.export.gguf.tokenizer_pre if ctx.recipe.export.gguf else None
+        export_gguf(resolve_model(ctx.recipe.base), path, outtype=outtype, tokenizer_pre=pre,
+                    overwrite=True)
+    return path
+
+
 def _gguf_lora(ctx: Context, cfg: Any) -> tuple[list, dict]:
     from lens_merge.adapters.gguf_lora import export_gguf_lora
 
@@ -80,14 +99,10 @@ def _gguf_lora(ctx: Context, cfg: Any) -> tuple[list, dict]:
         return [], {}
     from lens_merge.adapters._lora_check import verify_gguf_lora
     from lens_merge.export.gguf import export_gguf
-    from lens_merge.models import resolve_model
 
-    work = ctx.p("work") / "adapters"
-    work.mkdir(parents=True, exist_ok=True)
-    base_gguf, folded_gguf = work / f"base-{cfg.outtype}.gguf", work / f"folded-{cfg.outtype}.gguf"
+    base_gguf = _base_gguf(ctx, cfg.outtype)
+    folded_gguf = base_gguf.with_name(f"folded-{cfg.outtype}.gguf")
     pre = ctx.recipe.export.gguf.tokenizer_pre if ctx.recipe.export.gguf else None
-    export_gguf(resolve_model(ctx.recipe.base), base_gguf, outtype=cfg.outtype,
-                tokenizer_pre=pre, overwrite=True)
     export_gguf(ctx.p("model"), folded_gguf, outtype=cfg.outtype, tokenizer_pre=pre,
                 overwrite=True)
     v = verify_gguf_lora(base_gguf, path, folded_gguf, languages=ctx.recipe.languages,
@@ -96,11 +111,41 @@ def _gguf_lora(ctx: Context, cfg: Any) -> tuple[list, dict]:
 
 
 def _control_vectors(ctx: Context, cfg: Any) -> tuple[list, dict]:
-    from lens_merge.adapters.control_vector import export_control_vector
+    """One vector per language; with ``verify``, each checked against transformers hooks on
+    the base f16 GGUF, and the share of replies in its language measured at
+    ``effect_scales`` (written to ``report/control_vector_effect.json``)."""
+    from lens_merge.adapters.control_vector import (
+        control_vector_effect,
+        export_control_vector,
+        verify_control_vector,
+    )
 
     langs = cfg.languages or [x for x in ctx.recipe.languages if x != "en"]
+    paths = {}
     for lang in langs:
-        export_control_vector(ctx.p("subspace"), ctx.p("adapters") / f"{ctx.model_name}-cv-"
-                              f"{lang}.gguf", lang, layers=cfg.layers, scale=cfg.scale,
-                              overwrite=True)
-    return [], {"control_vectors": len(langs)}
+        paths[lang] = ctx.p("adapters") / f"{ctx.model_name}-cv-{lang}.gguf"
+        export_control_vector(ctx.p("subspace"), paths[lang], lang, layers=cfg.layers,
+                              scale=cfg.scale, overwrite=True)
+    nums: dict[str, Any] = {"control_vectors": len(langs)}
+    if not cfg.verify:
+        return [], nums
+    base_gguf = _base_gguf(ctx, "f16")
+    reports = []
+    for lang in langs:
+        # the languages of the vector and English: llama.cpp and the hooks must agree where
+        # the vector moves the model most and where a user applies it
+        reports.append(verify_control_vector(
+            ctx.recipe.base, base_gguf, paths[lang], languages=["en", lang],
+            prompts_per_language=2, raise_on_failure=False, progress=ctx.progress))
+    if cfg.effect_scales:
+        effect = {lang: control_vector_effect(
+            base_gguf, paths[lang], lang, scales=tuple(cfg.effect_scales),
+            checkpoint=ctx.recipe.base, n_prompts=cfg.effect_prompts, progress=ctx.progress)
+            for lang in langs}
+        write_json_atomic(ctx.p("cv_effect"), {"kind": "control_vector_effect",
+                                               "scales": list(cfg.effect_scales),
+                                               "languages": effect})
+        nums["cv_effect"] = {lang: {str(r["scale"]): r["share_in_language"]
+                                    for r in e["rows"]} for lang, e in effect.items()}
+    nums["cv_top1_min"] = min(r.metrics.get("top1_agreement", 0.0) for r in reports)
+    return reports, nums

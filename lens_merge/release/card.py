@@ -206,6 +206,7 @@ def gather(release_dir: Path, recipe: dict | None = None,
         "report": read_json(root / REPORT), "verify": verify,
         "ggufs": [(p.name, p.stat().st_size) for p in ggufs], "onnx_file": onnx_file,
         "chat_template": _chat_template(root / "model"), "adapters": _adapters(root / "adapters"),
+        "cv_effect": read_json(root / ReleaseLayout(root=root).cv_effect),
         "fold_meta": read_json(root / "model" / "lens_merge.json"),
     }
 

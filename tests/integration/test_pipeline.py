@@ -181,7 +181,7 @@ def test_run_exports_adapters_into_the_release(tmp_path, tiny_model):
     checks in report/adapters_verify.json, a usage block each in the card, all in the manifest."""
     pytest.importorskip("peft", reason="needs peft: pip install '.[lora]'")
     import lens_merge.release.manifest as manifest
-    from lens_merge.records import ParitySet, ReleaseLayout, read_record
+    from lens_merge.records import ParitySet, ReleaseLayout, read_json, read_record
 
     r = _recipe(tmp_path, tiny_model("llama"),
                 train={"top_k": 2, "lr": 1e-3, "epochs": 1, "batch_size": 4, "grad_accum": 1,
@@ -189,7 +189,8 @@ def test_run_exports_adapters_into_the_release(tmp_path, tiny_model):
                 export={"gguf": {"outtypes": ["f32"], "verify": False,
                                  "tokenizer_pre": TINY_TOKENIZER_PRE},
                         "onnx": None, "lora": {}, "gguf_lora": {"outtype": "f32"},
-                        "control_vectors": {"languages": ["zh"]}})
+                        "control_vectors": {"languages": ["zh"], "effect_scales": [0.1, 0.5],
+                                            "effect_prompts": 2}})
     status = {x.name: x.status for x in run_recipe(r, push=False)}
     assert status["adapters"] == "ran"
     root = r.release_dir
@@ -197,12 +198,19 @@ def test_run_exports_adapters_into_the_release(tmp_path, tiny_model):
     assert (ad / "peft" / "adapter_config.json").is_file()
     assert (ad / "Tiny-Lens-LoRA-F32.gguf").is_file() and (ad / "Tiny-Lens-cv-zh.gguf").is_file()
     checks = read_record(root / "report/adapters_verify.json", ParitySet)
-    assert checks.passed and {r.kind for r in checks.reports} == {"lora", "gguf_lora"}
+    assert checks.passed and {r.kind for r in checks.reports} == {"lora", "gguf_lora",
+                                                                  "control_vector"}
+    cv_rep = next(x for x in checks.reports if x.kind == "control_vector")
+    assert cv_rep.metrics["top1_agreement"] >= 0.99 and cv_rep.languages == ["en", "zh"]
+    effect = read_json(root / "report/control_vector_effect.json")
+    assert [r["scale"] for r in effect["languages"]["zh"]["rows"]] == [0.0, 0.1, 0.5]
+    assert effect["languages"]["zh"]["n_prompts"] == 2
     peft_rep = next(x for x in checks.reports if x.kind == "lora")
     assert peft_rep.metrics["max_abs_logit_diff"] <= 1e-4  # full rank, all-linear delta
     card = (root / "README.md").read_text()
     assert 'subfolder="adapters/peft"' in card
     assert "--lora adapters/Tiny-Lens-LoRA-F32.gguf" in card
     assert "--control-vector-scaled adapters/Tiny-Lens-cv-zh.gguf" in card
+    assert "| language | 0 | 0.1 | 0.5 |" in card and "\n| zh | " in card
     listed = manifest.load(ReleaseLayout(root=root)).files
     assert "adapters/Tiny-Lens-LoRA-F32.gguf" in listed and "report/adapters_verify.json" in listed
