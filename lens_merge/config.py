@@ -13,46 +13,34 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from lens_merge._config_base import (  # noqa: F401  (re-exported: config is the public home)
+    DEFAULT_LANGUAGES,
+    MAX_BATCH,
+    MAX_LAYERS,
+    MAX_SAMPLES,
+    MAX_TOKENS,
+    MAX_WEIGHT,
+    REPO_ID,
+    SIZE,
+    Float,
+    Int,
+    _Strict,
+)
+from lens_merge._config_export import (  # noqa: F401
+    ControlVectorConfig,
+    ExportConfig,
+    GGUFConfig,
+    GGUFLoraConfig,
+    LoraConfig,
+    OnnxConfig,
+)
 from lens_merge.errors import ConfigError
-
-DEFAULT_LANGUAGES = ["en", "zh", "ja", "ko", "ar", "bn", "sw", "es", "fr", "de"]
-
-# Sane upper bounds: far above any real run, low enough to fail at load, not deep in a stage.
-MAX_TOKENS = 1 << 20
-MAX_SAMPLES = 10_000_000
-MAX_BATCH = 1 << 16
-MAX_LAYERS = 4096
-MAX_WEIGHT = 1e6
-REPO_ID = r"^([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$"  # Hub repo id
-
-
-def _integer(v: Any) -> Any:
-    if isinstance(v, bool | float):
-        raise ValueError(f"expected an integer, got {v!r}")
-    return v
-
-
-def _number(v: Any) -> Any:
-    if isinstance(v, bool):
-        raise ValueError(f"expected a number, got {v!r}")
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_integer)]
-Float = Annotated[float, BeforeValidator(_number)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -107,6 +95,10 @@ class EvalConfig(_Strict):
                             "CPU a decode step costs nearly the same for 8 or 48")
     kl_prompts: Int | None = Field(None, gt=0, le=MAX_SAMPLES,
                                    description="English prompts for the KL check")
+    max_memory: Annotated[Int, Field(gt=0)] | Annotated[str, Field(pattern=SIZE)] | None = Field(
+        None, description="bytes or a size ('2GB' = 2e9, '512MiB') for one eval batch's KV "
+        "caches, logits and prefill: picks the batch (at most batch_size); default: half the "
+        "free GPU memory or a quarter of available RAM")
 
 
 class FoldConfig(_Strict):
@@ -116,94 +108,6 @@ class FoldConfig(_Strict):
                                     description="max |logit diff|; default by dtype")
 
 
-class GGUFConfig(_Strict):
-    outtypes: list[str] = Field(default_factory=lambda: ["f16", "q8_0"])
-    verify: bool = True
-    tokenizer_pre: str | None = None
-
-    @field_validator("outtypes")
-    @classmethod
-    def _known_outtypes(cls, v: list[str]) -> list[str]:
-        from lens_merge.export.gguf._types import OUTTYPES
-
-        for t in v:
-            if t.lower() not in OUTTYPES:
-                raise ValueError(f"GGUF output type {t!r} is not supported; supported: "
-                                 f"{', '.join(OUTTYPES)}")
-        if len({t.lower() for t in v}) != len(v):
-            raise ValueError("GGUF output types must be unique")
-        return v
-
-
-class OnnxConfig(_Strict):
-    enabled: bool = True
-    dtype: Literal["fp32", "fp16"] = "fp32"
-    quantize: Literal["int8"] | None = "int8"
-    int8_method: Literal["weight_only", "dynamic"] = Field(
-        "weight_only", description="weight_only: 8-bit MatMulNBits; dynamic: quantize_dynamic")
-    verify: bool = True
-    tolerance: Float | None = Field(None, gt=0, le=MAX_WEIGHT,
-                                    description="fixed max |logit diff|; default "
-                                    "max(1e-4, 1e-5 * max|logit|) for fp32")
-
-
-class _Rank(_Strict):
-    rank: Int | None = Field(None, gt=0, le=1 << 16, description="one rank for every tensor")
-    energy: Float | None = Field(None, gt=0, le=1, description="smallest rank per tensor "
-                                 "that keeps this fraction of the squared singular values")
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if self.rank is not None and self.energy is not None:
-            raise ValueError("give rank or energy, not both")
-        return self
-
-
-class LoraConfig(_Rank):
-    """A PEFT LoRA adapter of the delta (``adapters/peft``)."""
-
-    verify: bool = True
-
-
-class GGUFLoraConfig(_Rank):
-    """A llama.cpp LoRA adapter GGUF of the delta (needs an all-linear delta:
-    ``train.freeze_norms``)."""
-
-    outtype: Literal["f32", "f16"] = "f16"
-    verify: bool = Field(True, description="base GGUF + adapter vs the folded GGUF in llama.cpp "
-                         "(exports the base at outtype too)")
-
-
-class ControlVectorConfig(_Strict):
-    """One llama.cpp control vector GGUF per language from the probe's directions."""
-
-    languages: list[str] | None = Field(None, description="default: every target language")
-    layers: str | None = Field(None, description="'A-B' blocks; default: the trained top blocks")
-    scale: Float = Field(1.0, gt=0, le=MAX_WEIGHT)
-    verify: bool = Field(True, description="llama.cpp with each vector vs transformers with the "
-                         "same vector added by hooks, on the base GGUF (f16)")
-    effect_scales: list[Float] = Field([0.05, 0.1, 0.2], max_length=8,
-                                       description="run-time scales at which the share of "
-                                       "replies in the vector's language is measured; [] to skip")
-    effect_prompts: Int = Field(8, gt=0, le=MAX_SAMPLES, description="held-out English "
-                                "prompts per language for the effect table")
-
-    @field_validator("effect_scales")
-    @classmethod
-    def _positive_scales(cls, v: list[float]) -> list[float]:
-        if any(not 0 < s <= MAX_WEIGHT for s in v):
-            raise ValueError(f"every effect scale must be in (0, {MAX_WEIGHT}], got {v}")
-        return v
-
-
-class ExportConfig(_Strict):
-    gguf: GGUFConfig | None = Field(default_factory=GGUFConfig)
-    onnx: OnnxConfig | None = Field(default_factory=OnnxConfig)
-    lora: LoraConfig | None = None
-    gguf_lora: GGUFLoraConfig | None = None
-    control_vectors: ControlVectorConfig | None = None
-
-
 class ReleaseConfig(_Strict):
     repo_id: str | None = Field(None, pattern=REPO_ID, description="'name' or 'owner/name'")
     private: bool = False
@@ -211,6 +115,17 @@ class ReleaseConfig(_Strict):
     create_pr: bool = False
     license: str | None = Field(None, description="default: inherited from the base model")
     model_name: str | None = Field(None, description="display name; default: recipe name")
+
+
+class PlanConfig(_Strict):
+    """The memory plan ``run`` checks first (``lens_merge.plan``): device memory (default: free
+    GPU memory or available RAM), host RAM, the base's config.json or shipped shape
+    (``llama3-8b``) for a base not on disk, and ``check: false`` to run anyway."""
+
+    check: bool = True
+    memory: str | None = Field(None, pattern=SIZE)
+    host_memory: str | None = Field(None, pattern=SIZE)
+    config: str | None = None
 
 
 class Recipe(_Strict):
@@ -229,6 +144,7 @@ class Recipe(_Strict):
     fold: FoldConfig = Field(default_factory=FoldConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     @field_validator("languages")
     @classmethod

@@ -74,3 +74,26 @@ def load_tokenizer(path: str | Path, padding_side: str = "left"):
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
+
+
+def empty_model(path: str | Path, dtype: str | None = None):
+    """The model of a directory's ``config.json`` with no weights (every tensor on meta).
+
+    Built with accelerate's ``init_empty_weights`` (buffers, such as rotary frequencies, are
+    real); ``lens_merge.weights.blocks.BlockLoader`` materializes parts of it from the shards.
+    Eager attention, eval mode, like ``load_model``.
+
+    Args:
+        path: a local HF directory (already resolved).
+        dtype: ``fp32``/``bf16``/``fp16`` for the meta parameters, or None for the config's.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    kwargs = {"attn_implementation": "eager"}
+    if dtype:
+        kwargs["dtype"] = torch_dtype(dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval()

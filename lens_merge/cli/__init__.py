@@ -48,9 +48,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from lens_merge.cli import export, fold, lens, release, run
+    from lens_merge.cli import export, fold, lens, plan, release, run
 
-    for mod in (lens, fold, export, release, run):
+    for mod in (lens, fold, export, release, run, plan):
         mod.register(app)
 
 

@@ -7,6 +7,9 @@ Measured per target language, base -> lens:
 2. ``own_direction``: mean projection of target states on their unit direction delta_l / |delta_l|.
 3. ``english_kl``: mean KL(base || lens) of next-token distributions over English prompts.
 4. ``fidelity``: share of greedy replies (``max_new_tokens``) in the prompt's language.
+
+One model is loaded; only the blocks the delta changes are held twice, and the blocks below
+them run once per prompt batch for both (``lens_merge.lens._generate``).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from typing import Any
 
 from lens_merge.data import PromptSet
 from lens_merge.files import write_json_atomic
-from lens_merge.lens.hidden import batches, encode
+from lens_merge.lens._generate import Measured
 from lens_merge.lens.langid import identify
 from lens_merge.lens.probe import Subspace
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import stamp, tool_info
-from lens_merge.weights.delta import LensDelta, apply_delta
+from lens_merge.weights.delta import LensDelta
 
 REPORT_NAME = "lens_report.json"
 STATES_NAME = "mean_states.safetensors"
@@ -34,54 +37,6 @@ class EvalResult:
 
     report: dict[str, Any]
     mean_states: dict[str, Any]  # "base"/"lens" -> [L, d] tensors, languages in report order
-
-
-def _measure(model, tok, prompts: PromptSet, max_length: int, batch_size: int,
-             max_new_tokens: int, chat_template: bool, progress: Progress, label: str):
-    """Final last-token states, English next-token logits and greedy replies.
-
-    One prefill per batch: with generation on, the prompt's states and the first-token logits
-    come from ``generate``'s own prefill step instead of a second forward.
-    """
-    import torch
-
-    langs = list(prompts.languages)
-    items = [(lang, text) for lang in langs for text in prompts.texts(lang)]
-    zs: dict[str, list] = {lang: [] for lang in langs}
-    rs: dict[str, list[str]] = {lang: [] for lang in langs}
-    ls = []
-    # Languages share batches: a decode step costs about the same for 8 or 48 rows on a CPU
-    # (it is bound by reading the weights), so bigger batches make generation much cheaper.
-    with torch.inference_mode(), progress.task(f"eval {label}", total=len(items)) as task:
-        for chunk in batches(items, batch_size):
-            enc = encode(tok, [text for _, text in chunk], max_length, chat_template)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            if max_new_tokens > 0:
-                gen = model.generate(input_ids=enc["input_ids"],
-                                     attention_mask=enc["attention_mask"],
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id,
-                                     output_hidden_states=True, output_logits=True,
-                                     return_dict_in_generate=True)
-                z, first = gen.hidden_states[0][-1][:, -1], gen.logits[0]
-                new = gen.sequences[:, enc["input_ids"].shape[1]:]
-                replies = tok.batch_decode(new, skip_special_tokens=True)
-            else:
-                out = model(**enc, output_hidden_states=True, use_cache=False,
-                            logits_to_keep=1)
-                z, first = out.hidden_states[-1][:, -1], out.logits[:, -1]
-                replies = []
-            # copies, not views: a view would keep the whole batch's [B, T, d] states alive
-            z, first = z.float().cpu().clone(), first.float().cpu().clone()
-            for i, (lang, _) in enumerate(chunk):
-                zs[lang].append(z[i])
-                if replies:
-                    rs[lang].append(replies[i])
-                if lang == langs[0]:
-                    ls.append(first[i])
-            task.advance(len(chunk))
-    states = {lang: torch.stack(zs[lang]) for lang in langs}
-    return states, torch.stack(ls), rs
 
 
 def _metrics(states, subspace: Subspace, languages: list[str]) -> dict[str, dict[str, float]]:
@@ -119,28 +74,61 @@ def evaluate(
     max_new_tokens: int = 32,
     chat_template: bool = True,
     progress: Progress = NULL,
+    max_memory: int | str | None = None,
+    dtype: str | None = "fp32",
+    device: str = "cpu",
 ) -> EvalResult:
     """Compare the base model with base+delta on held-out prompts.
+
+    One model is loaded; the blocks the delta changes are held twice (base and Lens) and every
+    block below them is shared: each prompt batch is prefilled through them once (see
+    ``lens_merge.lens._generate``).
+
+    Args:
+        model_dir: the base model's local directory.
+        delta, subspace, prompts: the Lens delta, the probe's subspace, held-out prompts.
+        max_length: max prompt tokens (left truncation).
+        batch_size: most prompts per batch (languages mixed, sorted by length).
+        max_new_tokens: greedy reply length for fidelity; 0 measures states and logits only.
+        chat_template: wrap prompts in the chat template.
+        progress: progress reporter.
+        max_memory: bytes (or "2GB", "512MiB") a batch's KV caches, logits and prefill may
+            take; None: half the free GPU memory or a quarter of the available RAM.
+        dtype: the model's dtype (``fp32`` as the report always used; None keeps the
+            checkpoint's).
+        device: torch device string.
 
     Returns:
         ``EvalResult``: the report (what ``lens_report.json`` holds: per-language metrics for
         ``base`` and ``lens``, their means, English KL, sample replies, provenance) and the
         per-language mean states.
     """
+    from lens_merge.architectures import for_config
+    from lens_merge.lens._generate import LensBlocks, default_budget, measure
+    from lens_merge.models import load_model, load_tokenizer
+    from lens_merge.plan.machine import parse_size
+
+    budget = parse_size(max_memory, "eval.max_memory") if max_memory is not None else None
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    blocks = LensBlocks(model, for_config(model.config.to_dict()), delta)
+    base, lens, _ = measure(model, tok, blocks, prompts, max_length, batch_size, max_new_tokens,
+                            chat_template, budget or default_budget(model.device), progress)
+    return build_report(prompts, delta, subspace, max_new_tokens, base, lens)
+
+
+def build_report(prompts: PromptSet, delta: LensDelta, subspace: Subspace,
+                 max_new_tokens: int, base: Measured, lens: Measured) -> EvalResult:
+    """The report and mean states from the two branches' measurements.
+
+    Returns:
+        ``EvalResult`` (see ``evaluate``).
+    """
     import torch
 
-    from lens_merge.models import load_model, load_tokenizer
-
     languages = list(prompts.languages)
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype="fp32")
-    res = {}
-    for label in ("base", "lens"):
-        if label == "lens":
-            apply_delta(model, delta)
-        res[label] = _measure(model, tok, prompts, max_length, batch_size, max_new_tokens,
-                              chat_template, progress, label)
-    (s_b, l_b, r_b), (s_l, l_l, r_l) = res["base"], res["lens"]
+    s_b, l_b, r_b = base.states, base.logits, base.replies
+    s_l, l_l, r_l = lens.states, lens.logits, lens.replies
     kl = torch.nn.functional.kl_div(torch.log_softmax(l_l.double(), -1),
                                     torch.log_softmax(l_b.double(), -1),
                                     log_target=True, reduction="none").sum(-1)
@@ -177,8 +165,8 @@ def evaluate(
         "delta": {"tensors": len(delta.tensors), "blocks": delta.meta.get("blocks")},
         **stamp(), "tool": tool_info(),
     }
-    means = {label: torch.stack([res[label][0][lang].mean(0) for lang in languages])
-             for label in ("base", "lens")}
+    means = {label: torch.stack([m.states[lang].mean(0) for lang in languages])
+             for label, m in (("base", base), ("lens", lens))}
     return EvalResult(report, means)
 
 

@@ -6,7 +6,8 @@ mask, so a prompt's states do not depend on how much padding its batch needed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from lens_merge.progress import NULL, Progress
@@ -47,9 +48,12 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Pool [B, T, d] states to [B, d]: last position (left padded) or masked mean."""
+    """Pool [B, T, d] states to [B, d]: last position (left padded) or masked mean.
+
+    Returns a new tensor, never a view: a kept ``[B, d]`` must not hold ``[B, T, d]`` alive.
+    """
     if pooling == "last":
-        return hidden[:, -1, :]
+        return hidden[:, -1, :].clone()
     m = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
@@ -68,6 +72,36 @@ def pool_layers(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor,
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+@dataclass
+class EncodedBatch:
+    """One batch of prompts of one language, encoded (left padded, explicit positions)."""
+
+    lang: str
+    input_ids: torch.Tensor       # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor    # [B, T]
+
+    def to(self, device) -> EncodedBatch:
+        return EncodedBatch(self.lang, self.input_ids.to(device),
+                            self.attention_mask.to(device), self.position_ids.to(device))
+
+
+def encode_batches(tokenizer, texts: Mapping[str, Sequence[str]], max_length: int,
+                   batch_size: int, chat_template: bool = True) -> list[EncodedBatch]:
+    """Encode every language's texts in batches of ``batch_size``, language by language.
+
+    Returns:
+        The batches in order (language-major, rows in order within a language).
+    """
+    out = []
+    for lang, items in texts.items():
+        for chunk in batches(list(items), batch_size):
+            enc = encode(tokenizer, chunk, max_length, chat_template)
+            out.append(EncodedBatch(lang, enc["input_ids"], enc["attention_mask"],
+                                    enc["position_ids"]))
+    return out
 
 
 def pooled_states(

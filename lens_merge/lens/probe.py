@@ -152,11 +152,16 @@ def probe(
     meta: dict[str, Any] | None = None,
     progress: Progress = NULL,
     precomputed: dict[str, torch.Tensor] | None = None,
+    dtype: str | None = "fp32",
+    device: str = "cpu",
 ) -> Subspace:
     """Probe a model: per-language mean states at every layer, then LSAR per layer.
 
     Args:
-        model, tokenizer: a loaded causal LM and its tokenizer.
+        model: the model directory (str or Path: streamed one block at a time, never loaded
+            whole; see ``lens_merge.lens.stream``), or a loaded causal LM (one full forward
+            per batch).
+        tokenizer: its tokenizer.
         texts: probing texts per language, English first (need not be parallel).
         pooling: ``last`` (generation-prompt token, left padded) or ``mean`` (masked mean).
         rank: r; default L-1.
@@ -165,6 +170,8 @@ def probe(
         precomputed: pooled states ``[n_layers, len(texts[lang]), d]`` of some languages'
             texts, taken from another forward pass over the same prompts (the training cache
             pass); the other languages are run here.
+        dtype, device: compute dtype and device of a streamed model (ignored for a loaded
+            one).
 
     Returns:
         The fitted ``Subspace``.
@@ -172,21 +179,29 @@ def probe(
     import torch
 
     from lens_merge.lens.hidden import pooled_states
+    from lens_merge.lens.stream import pooled_layer_states
 
     languages = list(texts)
     if not languages or languages[0] != "en":
         raise DataError("probe: English ('en') must be the first language")
     r = rank if rank is not None else len(languages) - 1
-    means, counts = [], {}
     for lang in languages:
         if not texts[lang]:
             raise DataError(f"probe: no texts for language {lang!r}")
-        states = (precomputed or {}).get(lang)
+    states_of = dict(precomputed or {})
+    todo = {lang: texts[lang] for lang in languages if lang not in states_of}
+    if todo and isinstance(model, (str, Path)):  # every language in one streamed pass
+        states_of.update(pooled_layer_states(model, tokenizer, todo, pooling, max_length,
+                                             batch_size, chat_template, dtype, device,
+                                             progress))
+    means, counts = [], {}
+    for lang in languages:
+        states = states_of.get(lang)
         if states is None:
             states = pooled_states(model, tokenizer, texts[lang], pooling, max_length,
                                    batch_size, chat_template, progress,
                                    description=f"probe {lang}")
-        elif tuple(states.shape[1:2]) != (len(texts[lang]),):
+        elif lang in (precomputed or {}) and tuple(states.shape[1:2]) != (len(texts[lang]),):
             raise DataError(f"probe: precomputed states of {lang!r} hold {states.shape[1]} "
                             f"texts, expected {len(texts[lang])}")
         means.append(states.mean(1))  # [n_layers, d]

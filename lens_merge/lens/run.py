@@ -20,33 +20,33 @@ def run_probe(recipe: Recipe, out_dir: str | Path, progress: Progress = NULL,
               work_dir: str | Path | None = None) -> Subspace:
     """Probe the recipe's base model on its probing texts; save and return the subspace.
 
-    With ``work_dir`` (the training stage's), a probe whose texts are among the training
-    prompts shares one forward pass with the training cache, which is written there for the
-    train stage to reuse (see ``_shared_pass``).
+    The frozen model is streamed one block at a time (``lens_merge.lens.stream``), in the
+    training dtype (``train.dtype``). With ``work_dir`` (the training stage's), a probe whose
+    texts are among the training prompts shares that pass with the training cache, which is
+    written there for the train stage to reuse (see ``_shared_pass``).
     """
-    from lens_merge.models import load_model, load_tokenizer, resolve_model
+    from lens_merge.models import load_tokenizer, resolve_model
     from lens_merge.weights.checkpoint import Checkpoint
 
     model_dir = resolve_model(recipe.base, progress=True)
     texts_set = load_prompts(recipe.data.probe, recipe.languages, split="train",
                              max_samples=recipe.data.max_probe_samples)
-    model = load_model(model_dir, dtype="fp32", device=recipe.device)
     tok = load_tokenizer(model_dir)
     texts = {lang: texts_set.texts(lang) for lang in recipe.languages}
     meta = {"model": {"ref": recipe.base, "path": str(model_dir),
                       "config_sha256": canonical_hash(Checkpoint.open(model_dir).config())},
             "data": {"source": texts_set.source}}
-    shared = (_shared_pass(recipe, model_dir, model, tok, texts, Path(work_dir), progress)
+    shared = (_shared_pass(recipe, model_dir, tok, texts, Path(work_dir), progress)
               if work_dir is not None else None)
-    sub = probe(model, tok, texts, pooling=recipe.probe.pooling, rank=recipe.probe.rank,
+    sub = probe(model_dir, tok, texts, pooling=recipe.probe.pooling, rank=recipe.probe.rank,
                 max_length=recipe.data.max_length, batch_size=recipe.probe.batch_size,
                 chat_template=recipe.probe.chat_template, meta=meta, progress=progress,
-                precomputed=shared)
+                precomputed=shared, dtype=recipe.train.dtype, device=recipe.device)
     sub.save(out_dir)
     return sub
 
 
-def _shared_pass(recipe: Recipe, model_dir: Path, model, tok, texts: dict[str, list[str]],
+def _shared_pass(recipe: Recipe, model_dir: Path, tok, texts: dict[str, list[str]],
                  work_dir: Path, progress: Progress):
     """Build the training cache now and take the probe's pooled states from the same pass.
 
@@ -60,10 +60,9 @@ def _shared_pass(recipe: Recipe, model_dir: Path, model, tok, texts: dict[str, l
     """
     import torch
 
-    from lens_merge.architectures import for_config
-    from lens_merge.lens.hidden import pool_layers
+    from lens_merge.lens.hidden import pool
     from lens_merge.lens.train.cache import build_cache
-    from lens_merge.lens.train.loop import cache_path_for, input_scale_of
+    from lens_merge.lens.train.loop import cache_path_for
 
     prompts = load_prompts(recipe.data.train, recipe.languages, split="train",
                            max_samples=recipe.data.max_train_samples)
@@ -78,18 +77,19 @@ def _shared_pass(recipe: Recipe, model_dir: Path, model, tok, texts: dict[str, l
             where[lang] = [row_of[t] for t in texts[lang]]
     if not where:
         return None
-    pooled: dict[str, list] = {lang: [] for lang in where}
+    pooled: dict[str, dict[int, list[torch.Tensor]]] = {lang: {} for lang in where}
 
-    def observe(lang, hidden_states, mask):
-        if lang in pooled:
-            pooled[lang].append(pool_layers(hidden_states, mask, recipe.probe.pooling))
+    def observe(lang: str, k: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        if lang in pooled and k > 0:  # layer k-1: HF hidden_states[k]
+            pooled[lang].setdefault(k, []).append(
+                pool(hidden, mask, recipe.probe.pooling).float().cpu())
 
-    cache = build_cache(model, tok, prompts, recipe.train.top_k, recipe.data.max_length,
+    cache = build_cache(model_dir, tok, prompts, recipe.train.top_k, recipe.data.max_length,
                         recipe.train.cache_batch_size, recipe.probe.chat_template,
-                        input_scale_of(model.config, for_config(model.config.to_dict())),
-                        progress, observe)
+                        recipe.train.dtype, recipe.device, progress, observe)
     cache.save(path)
-    return {lang: torch.cat(pooled[lang], 1)[:, where[lang]] for lang in where}
+    return {lang: torch.stack([torch.cat(per_k[k]) for k in sorted(per_k)])[:, where[lang]]
+            for lang, per_k in pooled.items()}
 
 
 def run_train(recipe: Recipe, subspace: Subspace, work_dir: str | Path,
@@ -117,7 +117,12 @@ def run_eval(recipe: Recipe, delta: LensDelta, subspace: Subspace, out_dir: str 
                                   max_length=recipe.data.max_length,
                                   batch_size=recipe.eval.batch_size,
                                   max_new_tokens=recipe.eval.max_new_tokens,
-                                  chat_template=recipe.probe.chat_template, progress=progress)
+                                  chat_template=recipe.probe.chat_template,
+                                  max_memory=recipe.eval.max_memory,
+                                  # the model in the training dtype (bf16 for the 8B recipes:
+                                  # what the memory plan assumes), on the recipe's device
+                                  dtype=recipe.train.dtype, device=recipe.device,
+                                  progress=progress)
     write_report(result, out_dir)
     return result.report
 

@@ -111,8 +111,8 @@ def _gguf_lora(ctx: Context, cfg: Any) -> tuple[list, dict]:
 
 
 def _control_vectors(ctx: Context, cfg: Any) -> tuple[list, dict]:
-    """One vector per language; with ``verify``, each checked against transformers hooks on
-    the base f16 GGUF, and the share of replies in its language measured at
+    """One vector per language; with ``verify``, the first checked against transformers hooks
+    on the base f16 GGUF, and for each the share of replies in its language measured at
     ``effect_scales`` (written to ``report/control_vector_effect.json``)."""
     from lens_merge.adapters.control_vector import (
         control_vector_effect,
@@ -130,13 +130,13 @@ def _control_vectors(ctx: Context, cfg: Any) -> tuple[list, dict]:
     if not cfg.verify:
         return [], nums
     base_gguf = _base_gguf(ctx, "f16")
-    reports = []
-    for lang in langs:
-        # the languages of the vector and English: llama.cpp and the hooks must agree where
-        # the vector moves the model most and where a user applies it
-        reports.append(verify_control_vector(
-            ctx.recipe.base, base_gguf, paths[lang], languages=["en", lang],
-            prompts_per_language=2, raise_on_failure=False, progress=ctx.progress))
+    # llama.cpp applies every vector file the same way, so one vector checked against the
+    # hooks pins the layer numbering and scale for all (each check reloads both models: about
+    # a minute on 2 cores); on English prompts, where a user applies it, and its own language
+    lang = langs[0]
+    reports = [verify_control_vector(
+        ctx.recipe.base, base_gguf, paths[lang], languages=["en", lang],
+        prompts_per_language=2, raise_on_failure=False, progress=ctx.progress)]
     if cfg.effect_scales:
         effect = {lang: control_vector_effect(
             base_gguf, paths[lang], lang, scales=tuple(cfg.effect_scales),

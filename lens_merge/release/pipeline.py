@@ -26,6 +26,7 @@ from lens_merge.config import Recipe
 from lens_merge.errors import ConfigError
 from lens_merge.files import TEMP_MARK, file_sha256, write_json_atomic, write_text_atomic
 from lens_merge.guard import cleanup_stale_temps
+from lens_merge.plan import check_plan
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import canonical_hash, now_iso
 from lens_merge.records import ReleaseLayout, RunTable, StageRecord
@@ -123,6 +124,7 @@ def run_recipe(
     for n in force + list(only or []):
         if n not in STAGE_NAMES:
             raise ConfigError(f"unknown stage {n!r}; stages: {', '.join(STAGE_NAMES)}")
+    check_plan(recipe, stages=only)  # refuse before any stage when a stage does not fit
     layout = ReleaseLayout(root=recipe.release_dir)
     layout.path("report").mkdir(parents=True, exist_ok=True)
     state = _load_state(layout.path("state"))

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     from lens_merge.data import PromptSet
 
+Observe = Callable[[str, int, "torch.Tensor", "torch.Tensor"], None]  # (lang, k, hidden, mask)
+
 
 @dataclass
 class LensCache:
@@ -78,59 +80,76 @@ class LensCache:
 
 
 def build_cache(
-    model,
+    model_dir: str | Path,
     tokenizer,
     prompts: PromptSet,
     top_k: int,
     max_length: int,
     batch_size: int,
     chat_template: bool = True,
-    input_scale: float = 1.0,
+    dtype: str | None = "fp32",
+    device: str = "cpu",
     progress: Progress = NULL,
-    observe: Callable[[str, tuple, torch.Tensor], None] | None = None,
+    observe: Observe | None = None,
 ) -> LensCache:
-    """Run the frozen model once over every prompt and keep what training needs.
+    """Stream the frozen model once over every prompt and keep what training needs.
+
+    The model is never loaded whole: ``lens_merge.lens.stream.stream`` runs the prompts
+    through one block at a time, so peak memory is one block plus the prompts' activations.
 
     Args:
-        model, tokenizer: the base model (frozen here) and its tokenizer.
+        model_dir: the base model directory (safetensors weights).
+        tokenizer: its tokenizer.
         prompts: parallel prompts, English first.
         top_k: K; the cache holds the stream entering block N-K.
         max_length, batch_size, chat_template: prompt encoding (see ``lens_merge.lens.hidden``).
-        input_scale: divide cached states by this (Gemma scales ``inputs_embeds``).
-        observe: called as ``observe(lang, hidden_states, attention_mask)`` after every batch,
-            so that another consumer (the probe) can share this forward pass.
+        dtype: compute dtype of the frozen blocks (``fp32``/``bf16``/``fp16``; None: as
+            stored); the cache itself is fp32.
+        device: torch device of the pass.
+        observe: called as ``observe(lang, k, hidden, attention_mask)`` for every batch and
+            k = 0..N, with ``hidden`` the batch's HF ``hidden_states[k]``, so that another
+            consumer (the probe) can share this pass.
+
+    Returns:
+        The cache; rows in prompt order, the inputs ``x`` divided by the model's input scale
+        (Gemma multiplies ``inputs_embeds`` by sqrt(hidden) in its forward).
     """
     import torch
+    from transformers import AutoConfig
 
-    from lens_merge.lens.hidden import batches, encode, pool
+    from lens_merge.architectures import for_config
+    from lens_merge.lens.hidden import encode_batches, pool
+    from lens_merge.lens.stream import input_scale_of, stream
 
-    n_blocks = model.config.num_hidden_layers
+    config = AutoConfig.from_pretrained(str(model_dir))
+    n_blocks = config.num_hidden_layers
     first = n_blocks - top_k
     if not 0 <= first < n_blocks:
         raise ValueError(f"top_k={top_k} does not fit a model of {n_blocks} blocks")
+    input_scale = input_scale_of(config, for_config(config.to_dict()))
     langs = list(prompts.languages)
+    batches = encode_batches(tokenizer, {lang: prompts.texts(lang) for lang in langs},
+                             max_length, batch_size, chat_template)
     xs: dict[str, list[torch.Tensor]] = {lang: [] for lang in langs}
-    last = {lang: [] for lang in langs}
-    mean_en = []
-    total = len(prompts) * len(langs)
-    with torch.inference_mode(), progress.task("cache (frozen blocks)", total=total) as task:
-        for lang in langs:
-            for chunk in batches(prompts.texts(lang), batch_size):
-                enc = encode(tokenizer, chunk, max_length, chat_template)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                out = model(**enc, output_hidden_states=True, use_cache=False,
-                        logits_to_keep=1)
-                h_in = out.hidden_states[first].float() / input_scale
-                h_fin = out.hidden_states[-1].float()
-                lens = enc["attention_mask"].sum(1).tolist()
-                for b, n in enumerate(lens):
-                    xs[lang].append(h_in[b, h_in.shape[1] - n:].clone().cpu())
-                last[lang].append(pool(h_fin, enc["attention_mask"], "last").cpu())
-                if lang == langs[0]:
-                    mean_en.append(pool(h_fin, enc["attention_mask"], "mean").cpu())
-                if observe is not None:
-                    observe(lang, out.hidden_states, enc["attention_mask"])
-                task.advance(len(chunk))
+    last: dict[str, list[torch.Tensor]] = {lang: [] for lang in langs}
+    mean_en: list[torch.Tensor] = []
+
+    def visit(k: int, i: int, h: torch.Tensor) -> None:
+        lang, mask = batches[i].lang, batches[i].attention_mask.to(h.device)
+        if k == first:
+            h_in = h.float() / input_scale
+            for b, n in enumerate(mask.sum(1).tolist()):
+                xs[lang].append(h_in[b, h_in.shape[1] - n:].clone().cpu())
+        if k == n_blocks:
+            h_fin = h.float()
+            last[lang].append(pool(h_fin, mask, "last").cpu())
+            if lang == langs[0]:
+                mean_en.append(pool(h_fin, mask, "mean").cpu())
+        if observe is not None:
+            observe(lang, k, h, mask)
+
+    stream(model_dir, batches, visit, dtype, device, progress, "cache (frozen blocks)")
     ref_last = torch.stack([torch.cat(last[lang]) for lang in langs], 1)
     return LensCache(langs, first, xs, ref_last, torch.cat(mean_en),
-                     {"n_rows": len(prompts), "top_k": top_k, "max_length": max_length})
+                     {"n_rows": len(prompts), "top_k": top_k, "max_length": max_length,
+                      "dtype": dtype or "stored"})

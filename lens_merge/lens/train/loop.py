@@ -42,6 +42,8 @@ def cache_key(model_dir: Path, prompts: PromptSet, cfg: TrainConfig, max_length:
         "weights_meta": [str(s.stat().st_size) + s.name for s in ck.shards],
         "rows": list(prompts.rows), "languages": list(prompts.languages), "top_k": cfg.top_k,
         "max_length": max_length, "chat_template": chat_template, "version": 1,
+        # the frozen pass runs in the training dtype; fp32 keys are those of earlier versions
+        **({"dtype": cfg.dtype} if cfg.dtype != "fp32" else {}),
     })
 
 
@@ -50,11 +52,6 @@ def cache_path_for(work_dir: str | Path, model_dir: Path, prompts: PromptSet, cf
     """Where the cache of these prompts and settings lives under ``work_dir``."""
     key = cache_key(model_dir, prompts, cfg, max_length, chat_template)
     return Path(work_dir) / "cache" / f"{key[:16]}.pt"
-
-
-def input_scale_of(config, arch) -> float:
-    """The factor the model multiplies its input embeddings by (Gemma: sqrt(hidden))."""
-    return config.hidden_size ** 0.5 if arch.input_scale == "sqrt_hidden" else 1.0
 
 
 def train(
@@ -87,8 +84,9 @@ def train(
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from lens_merge.lens.train.stack import TopStack
-    from lens_merge.models import load_model, load_tokenizer
+    from lens_merge.lens.train.stack import load_top_stack
+    from lens_merge.models import load_tokenizer
+    from lens_merge.weights.blocks import read_tensors, trim_heap
 
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     if list(prompts.languages) != list(subspace.languages):
@@ -98,31 +96,26 @@ def train(
                       mixed_precision="bf16" if cfg.dtype == "bf16" else "no",
                       gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
-    model = load_model(model_dir, dtype="fp32", device="cpu")
-    arch = for_config(model.config.to_dict())
-    tok = load_tokenizer(model_dir)
-    input_scale = input_scale_of(model.config, arch)
 
     cache_path = cache_path_for(work_dir, model_dir, prompts, cfg, max_length, chat_template)
     reused = cache_path.is_file()
     with acc.main_process_first():
         if cache_path.is_file():
             cache = LensCache.load(cache_path)
-        else:
-            model.to(acc.device)
-            cache = build_cache(model, tok, prompts, cfg.top_k, max_length,
-                                cfg.cache_batch_size, chat_template, input_scale,
-                                progress if acc.is_main_process else NULL)
+        else:  # streamed one frozen block at a time: the model is never loaded whole
+            cache = build_cache(model_dir, load_tokenizer(model_dir), prompts, cfg.top_k,
+                                max_length, cfg.cache_batch_size, chat_template, cfg.dtype,
+                                str(acc.device), progress if acc.is_main_process else NULL)
             if acc.is_main_process:
                 cache.save(cache_path)
-            model.to("cpu")
 
+    # only the top K blocks, the final norm and the rotary embedding: fp32 master weights
+    stack, model = load_top_stack(model_dir, cfg.top_k, "fp32", "cpu")
+    arch = for_config(model.config.to_dict())
     first = model.config.num_hidden_layers - cfg.top_k
     names = [n for n, p in model.named_parameters()
              if (b := arch.block_of(n)) is not None and b >= first
              and not (cfg.freeze_norms and p.ndim == 1)]
-    base_state = {n: t.detach().clone() for n, t in _named(model, names).items()}
-    stack = TopStack(model, arch, cfg.top_k)
     if cfg.freeze_norms:  # norms and biases keep the base's values: the delta is all-linear
         for p in stack.parameters():
             if p.ndim == 1:
@@ -165,6 +158,7 @@ def train(
                     if acc.sync_gradients:
                         sched.step()
                         step += 1
+                        trim_heap()  # activations of the step: freed memory back to the system
                         last = {k: float(acc.reduce(torch.stack(v).mean(), "mean"))
                                 for k, v in acc_terms.items()}
                         acc_terms = {}
@@ -178,8 +172,6 @@ def train(
         if logf:
             logf.close()
     acc.wait_for_everyone()
-    unwrapped = acc.unwrap_model(stack)
-    unwrapped.restore()
     trained = {n: t.detach().float().cpu() for n, t in _named(model, names).items()}
     delta = None
     if acc.is_main_process:
@@ -200,6 +192,9 @@ def train(
             "subspace_sha256": subspace.sha256,
             "data": {"source": prompts.source, "rows": len(prompts)},
         }
+        # the base values are read back from the shards (fp32, as the stack was loaded)
+        # instead of kept beside the trained copy through training
+        base_state = read_tensors(model_dir, names, torch.float32)
         delta = LensDelta.from_weights(base_state, trained, base_hashes, meta)
     return TrainResult(delta, log_path, last, cache_path, reused, step)
 

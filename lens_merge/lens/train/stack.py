@@ -1,41 +1,90 @@
 """Running only the top K blocks (plus the final norm) of a transformers causal LM.
 
-``TopStack`` temporarily replaces the decoder's block list with its top K blocks and feeds the
-cached residual stream as ``inputs_embeds``; the modules are the model's own (no copy), so
-training them trains the model. ``restore()`` puts the full block list back.
+``TopStack`` holds the model's own top K decoder blocks, its final norm and its rotary
+embedding (no embeddings, no lm_head, no lower blocks) and runs them on the cached residual
+stream as the model's forward would (``lens_merge.lens.stream.run_blocks``). The modules are
+the model's (no copy), so training the stack trains the model's parameters. ``load_top_stack``
+builds the model on the meta device and materializes only those parts from the shards.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from lens_merge.architectures import Architecture
 from lens_merge.lens.hidden import position_ids
 
 
 class TopStack(nn.Module):
-    """The top K decoder blocks and the final norm of ``model``, fed from the cache."""
+    """The top K decoder blocks and the final norm of ``model``, fed from the cache.
 
-    def __init__(self, model, arch: Architecture, top_k: int) -> None:
+    Args:
+        model: a causal LM whose top ``top_k`` blocks and final norm hold weights (a loaded
+            model, or ``lens_merge.models.empty_model`` with those parts materialized).
+        top_k: K.
+        input_scale: the factor the model's forward multiplies ``inputs_embeds`` by (Gemma:
+            sqrt(hidden)); the cache holds states divided by it.
+    """
+
+    def __init__(self, model, top_k: int, input_scale: float = 1.0) -> None:
         super().__init__()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.decoder = model.base_model
-        # a plain tuple, not a registered submodule: the lower blocks are not part of this stack
-        self._full: tuple[nn.ModuleList] = (self.decoder.layers,)
-        n = len(self.decoder.layers)
+        decoder = model.base_model
+        n = len(decoder.layers)
+        if not 0 < top_k <= n:
+            raise ValueError(f"top_k={top_k} does not fit a model of {n} blocks")
         self.first_block = n - top_k
-        self.decoder.layers = nn.ModuleList(list(self._full[0])[self.first_block:])
-        for p in self.decoder.layers.parameters():
+        self.layers = nn.ModuleList(list(decoder.layers)[self.first_block:])
+        self.norm = decoder.norm
+        self.rotary_emb = decoder.rotary_emb
+        self.config = model.config
+        self.input_scale = input_scale
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.layers.parameters():
             p.requires_grad_(True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) states [B, T, d] from block-(N-K) inputs ``x`` [B, T, d]."""
-        out = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask),
-                           use_cache=False)
-        return out.last_hidden_state
+        from lens_merge.lens.stream import run_blocks
 
-    def restore(self) -> None:
-        """Put the full block list back into the decoder."""
-        self.decoder.layers = self._full[0]
+        h = x
+        if self.input_scale != 1.0:  # as Gemma2's forward: a tensor of the states' dtype
+            h = h * torch.tensor(self.input_scale, dtype=h.dtype)
+        h = run_blocks(self.layers, h, mask, position_ids(mask), self.config, self.rotary_emb)
+        return self.norm(h)
+
+
+def load_top_stack(model_dir: str | Path, top_k: int, dtype: str = "fp32",
+                   device: str = "cpu") -> tuple[TopStack, nn.Module]:
+    """The top K blocks, final norm and rotary embedding of a checkpoint, nothing else.
+
+    Args:
+        model_dir: the model directory (safetensors weights).
+        top_k: K.
+        dtype: dtype of the materialized weights (fp32: the master weights of bf16 training).
+        device: where they live.
+
+    Returns:
+        (the stack, the model it belongs to: every other tensor of it on the meta device;
+        its ``named_parameters`` name the stack's weights as the checkpoint does).
+    """
+    from lens_merge.architectures import for_config
+    from lens_merge.lens.stream import input_scale_of
+    from lens_merge.models import empty_model, torch_dtype
+    from lens_merge.weights.blocks import BlockLoader
+
+    model = empty_model(model_dir, dtype)
+    decoder = model.base_model
+    n = len(decoder.layers)
+    if not 0 < top_k <= n:
+        raise ValueError(f"top_k={top_k} does not fit a model of {n} blocks")
+    names = {id(m): name for name, m in model.named_modules()}
+    loader = BlockLoader(model_dir, torch_dtype(dtype), device)
+    for layer in list(decoder.layers)[n - top_k:]:
+        loader.load(model, names[id(layer)])
+    loader.load(model, names[id(decoder.norm)])
+    decoder.rotary_emb.to(device)
+    scale = input_scale_of(model.config, for_config(model.config.to_dict()))
+    return TopStack(model, top_k, scale), model

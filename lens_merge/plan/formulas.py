@@ -1,0 +1,278 @@
+"""The memory formulas of every stage, from a ``ModelShape`` and a ``Workload`` alone.
+
+Notation: d hidden, f intermediate, N blocks, H query heads, Hkv key/value heads, hd head
+dimension, V vocabulary, P all parameters, Pb one block's parameters (``shapes``), s the stored
+bytes per weight, st the training dtype's bytes, K = ``train.top_k``, n = K*Pb the trained
+parameters, L languages, T = ``data.max_length``, G = ``eval.max_new_tokens``; sf = se = st
+(the frozen pass and eval compute in the training dtype).
+
+Exact terms: weights and optimizer states (parameter counts are exact), the training cache
+and the activations kept between blocks, all taken with every prompt padded to T, which
+makes them upper bounds (real prompts are shorter). Estimates, marked ``~`` in the term
+names: the per-token working memory inside a block (which intermediate tensors transformers
+keeps alive at once), the process baselines, the GGUF/ONNX exporters' copies and the size
+of quantized GGUF files.
+
+Stages (what the code holds at its peak; see each function):
+
+- ``probe``/``cache``: the frozen pass streamed one block at a time in sf
+  (``lens_merge.lens.stream``): the larger of the embeddings and one block, the
+  states of every prompt [rows*L, T, d] in sf, one batch's working memory inside a block,
+  the probe's pooled states of every layer [N, rows*L, d] fp32; when it builds the cache,
+  the fp32 copy of the stream entering block N-K and the reference states [rows, L+1, d].
+- ``train``: the top K blocks only, fp32 master weights: per trained parameter 4 (weights)
+  + 4 (grads) + 8 (AdamW m, v) + 2 under bf16 autocast (its bf16 weight copies); the
+  activations of a step (batch_size*L rows of T tokens) kept for backward in every trained
+  block plus one block's worth of gradients; on the host the base copy and the delta of the
+  trained tensors (fp32; plus the trained weights copied off a GPU) and the cache.
+- ``eval``: one model in se + the Lens copies of the top K blocks + the fp32 delta, and a
+  generation batch (``lens_merge.lens._generate``): per row two KV caches (base and Lens)
+  of N blocks for T+G positions, logits, the prefill's attention scores and MLP; the batch is
+  at most ``eval.batch_size`` rows and within ``eval.max_memory`` (default: half the free
+  GPU memory or a quarter of the available RAM). se is the training dtype's bytes, as for
+  the frozen pass: ``run_eval`` must pass ``dtype=recipe.train.dtype`` to ``evaluate``
+  (today it keeps ``evaluate``'s default fp32, which for a bf16 8B base is 32 GB).
+- ``fold`` (CPU): the fp32 delta + one changed tensor as stored, in fp32, W + dW, cast back.
+- ``verify`` (CPU, today's code): two whole models in s (base + delta, the folded one) and
+  both models' logits [8, 64, V] (as returned, plus an fp32 copy).
+- ``gguf`` (CPU, today's code): export holds one tensor (fp32, a converted copy, the encoded
+  bytes); verification holds the checkpoint in fp32 in transformers and the GGUF mapped by
+  llama.cpp, with its logits for every position.
+- ``onnx`` (CPU, today's code, ~): the traced model holds the weights about three times
+  (module, graph initializers, serialized protobuf); verification holds PyTorch fp32 and the
+  ONNX Runtime sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lens_merge.plan.shapes import ModelShape
+
+GiB = 1 << 30
+MiB = 1 << 20
+# ~ Resident size of a lens-merge process before any model: Python, torch, transformers,
+# accelerate, a tokenizer (every stage on a tiny model measured 0.35-0.38 GiB).
+CPU_BASE = 400 * MiB
+# ~ CUDA context, cuBLAS workspace and the caching allocator's slack on the device, and the
+# host memory of a process that has initialized CUDA.
+CUDA_CONTEXT = 768 * MiB
+CUDA_HOST_BASE = 2 * GiB
+# ~ GGUF bytes per weight (K-quant mixes keep some tensors at 6 bits).
+GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
+              "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "q6_k": 210 / 256,
+              "q5_k_m": 0.72, "q4_k_m": 0.61}
+VERIFY_BATCH, VERIFY_TOKENS = 8, 64  # verify_fold's batch and prompt length
+GGUF_VERIFY_EXTRA = 48  # tokens beyond the prompt in verify_gguf's context (G + 16)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The data sizes and settings of a recipe the formulas read (``plan.workload_of``)."""
+
+    languages: int
+    max_length: int
+    top_k: int
+    train_rows: int
+    probe_rows: int
+    shared_pass: bool
+    eval_rows: int
+    train_dtype: str = "fp32"
+    train_batch: int = 1
+    cache_batch: int = 16
+    probe_batch: int = 16
+    eval_batch: int = 48
+    eval_budget: int | None = None
+    max_new_tokens: int = 32
+    gguf_outtypes: tuple[str, ...] = ()
+    gguf_verify: bool = True
+    onnx_dtype: str | None = None
+    onnx_quantize: bool = False
+    onnx_verify: bool = True
+    estimated: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class Need:
+    """Peak memory of one stage: named terms on the device it runs on and on the host."""
+
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    disk: int = 0
+    note: str = ""
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+
+def token_infer_bytes(m: ModelShape, T: int, s: int) -> int:
+    """~ Working memory per token while one block runs without gradients: the larger of the
+    attention phase (normed input, q/k/v, rotated q/k, k/v repeated to H heads, scores and
+    probabilities over T keys, the attention output) and the MLP phase (gate, up, their
+    product), plus the block's input and output. Eager attention, as the stages load it."""
+    qkv = (m.n_heads + 2 * m.n_kv) * m.head_dim
+    attn = m.d + qkv + (m.n_heads + m.n_kv) * m.head_dim + 3 * m.n_heads * m.head_dim \
+        + 2 * m.n_heads * T
+    mlp = m.d + 3 * m.f
+    return (max(attn, mlp) + 2 * m.d) * s
+
+
+def token_train_bytes(m: ModelShape, T: int, st: int) -> int:
+    """~ Memory per token one block keeps for backward: in st, the normed inputs, q/k/v,
+    rotated q/k, repeated k/v, scores and probabilities, the attention and o outputs, gate,
+    up, activation and product; in fp32 the residual stream and the norms' fp32 inputs."""
+    h, kv, hd = m.n_heads, m.n_kv, m.head_dim
+    low = 3 * m.d + (h + 2 * kv) * hd + (h + kv) * hd + 3 * h * hd + 2 * h * T + 4 * m.f
+    return low * st + 3 * m.d * 4
+
+
+def cache_bytes(m: ModelShape, w: Workload) -> int:
+    """Training cache on disk: the fp32 stream entering block N-K [rows*L, T, d] and the
+    reference states (last token per language [rows, L, d], English mean [rows, d])."""
+    stream = w.train_rows * w.languages * w.max_length * m.d * 4
+    return stream + w.train_rows * (w.languages + 1) * m.d * 4
+
+
+def frozen_pass(m: ModelShape, w: Workload, rows: int, batch: int, pooled_rows: int,
+                cache: bool, gpu: bool) -> Need:
+    """The streamed frozen pass over ``rows`` prompts in every language (see module doc)."""
+    sf, T = _bytes(w.train_dtype), w.max_length
+    need = Need()
+    need.device["~cuda context" if gpu else "~process"] = CUDA_CONTEXT if gpu else CPU_BASE
+    need.device["weights: max(embeddings, one block)"] = max(m.embed_params, m.block_params) * sf
+    need.device["states of every prompt [rows*L, T, d]"] = rows * w.languages * T * m.d * sf
+    need.device["~block working memory (one batch)"] = batch * T * token_infer_bytes(m, T, sf)
+    if pooled_rows:
+        need.device["pooled states fp32 [N, rows*L, d]"] = \
+            m.n_layers * pooled_rows * w.languages * m.d * 4
+    if cache:
+        need.disk = cache_bytes(m, w)
+        (need.host if gpu else need.device)["training cache (fp32, until saved)"] = need.disk
+    if gpu:
+        need.host["~process"] = CUDA_HOST_BASE
+        need.host["one tensor read (embeddings)"] = m.embed_params * m.dtype_bytes
+    return need
+
+
+def _bytes(dtype: str) -> int:
+    return 2 if dtype in ("bf16", "fp16") else 4
+
+
+def train_need(m: ModelShape, w: Workload, gpu: bool) -> Need:
+    """Training the top K blocks on the cache (see module doc)."""
+    st = _bytes(w.train_dtype)
+    n = w.top_k * m.block_params
+    per_param = 16 + (2 if st < 4 else 0)
+    rows, T = w.train_batch * w.languages, w.max_length
+    need = Need(disk=cache_bytes(m, w))
+    need.device["~cuda context" if gpu else "~process"] = CUDA_CONTEXT if gpu else CPU_BASE
+    need.device[f"top K blocks x {per_param} B/param (fp32 weights, grads, AdamW"
+                + (", bf16 copies)" if st < 4 else ")")] = n * per_param + m.d * 4
+    need.device["~activations kept for backward"] = \
+        rows * T * (w.top_k + 1) * token_train_bytes(m, T, st) + rows * T * m.d * 4
+    side = need.host if gpu else need.device
+    if gpu:
+        side["~process"] = CUDA_HOST_BASE
+    side["base copy + delta of the top K blocks, fp32" + (" + trained copy" if gpu else "")] \
+        = n * (12 if gpu else 8)
+    side["training cache"] = need.disk
+    return need
+
+
+def eval_row_bytes(m: ModelShape, w: Workload) -> int:
+    """~ Generation memory of one prompt row, as ``lens_merge.lens._generate.row_bytes``
+    counts it: two KV caches (base and Lens) of N blocks for T+G positions, the logits and
+    their fp32 copies, the prefill's attention scores (3 x H x T fp32 per token) and MLP."""
+    s, T = _bytes(w.train_dtype), w.max_length
+    kv = m.n_layers * m.n_kv * m.head_dim * 2 * s * (T + w.max_new_tokens)
+    logits = m.vocab * 4 * 4
+    prefill = T * (3 * m.n_heads * T * 4 + (3 * m.f + 8 * m.d) * s)
+    return 2 * kv + logits + prefill
+
+
+def eval_workspace(m: ModelShape, w: Workload, b: int) -> int:
+    """Generation memory of a batch of ``b`` prompts."""
+    return b * eval_row_bytes(m, w)
+
+
+def eval_batch(m: ModelShape, w: Workload) -> int:
+    """The generation batch: ``eval.batch_size`` (at most the prompts), or the largest not
+    above it whose workspace fits ``eval.max_memory``."""
+    b = max(1, min(w.eval_batch, w.eval_rows * w.languages))
+    if w.eval_budget is not None:
+        while b > 1 and eval_workspace(m, w, b) > w.eval_budget:
+            b -= 1
+    return b
+
+
+def eval_need(m: ModelShape, w: Workload, gpu: bool) -> Need:
+    """Base vs Lens on held-out prompts (see module doc)."""
+    b = eval_batch(m, w)
+    need = Need(note=f"generation batch {b}")
+    need.device["~cuda context" if gpu else "~process"] = CUDA_CONTEXT if gpu else CPU_BASE
+    need.device["model + Lens copies of the top K blocks"] = \
+        (m.params + w.top_k * m.block_params) * _bytes(w.train_dtype)
+    need.device[f"~generation (batch {b}: KV caches, prefill, logits)"] = \
+        eval_workspace(m, w, b)
+    need.device["delta fp32"] = w.top_k * m.block_params * 4
+    if gpu:
+        need.host["~process"] = CUDA_HOST_BASE
+        need.host["one weight file read"] = \
+            m.largest_shard or min(m.params * m.dtype_bytes, 5 * GiB)
+    return need
+
+
+def fold_need(m: ModelShape, w: Workload) -> Need:
+    """Streaming fold on the CPU (see module doc)."""
+    need = Need()
+    need.device["~process"] = CPU_BASE
+    need.device["delta fp32"] = w.top_k * m.block_params * 4
+    need.device["one changed tensor (stored, fp32, W + dW, cast)"] = \
+        m.largest_block_tensor * (2 * m.dtype_bytes + 8)
+    return need
+
+
+def verify_need(m: ModelShape, w: Workload) -> Need:
+    """``verify_fold`` on the CPU as the code does it today (see module doc)."""
+    s, b, T = m.dtype_bytes, VERIFY_BATCH, VERIFY_TOKENS
+    need = Need(note="two whole models (today's verify_fold)")
+    need.device["~process"] = CPU_BASE
+    need.device["two models (base + delta, folded)"] = 2 * m.params * s
+    need.device["delta fp32"] = w.top_k * m.block_params * 4
+    need.device["logits of both models [8, 64, V]"] = 2 * b * T * m.vocab * (s + 4)
+    need.device["~block working memory"] = b * T * token_infer_bytes(m, T, s)
+    return need
+
+
+def gguf_need(m: ModelShape, w: Workload) -> Need:
+    """GGUF export and verification on the CPU as the code does it today (module doc)."""
+    need = Need()
+    need.device["~process"] = CPU_BASE
+    export = m.largest_tensor * (4 + 4 + 2)
+    if not w.gguf_verify:
+        need.device["~one tensor (fp32, converted, encoded)"] = export
+        return need
+    biggest = max(w.gguf_outtypes, key=lambda t: GGUF_BYTES.get(t.lower(), 4.0))
+    gguf = int(m.params * GGUF_BYTES.get(biggest.lower(), 4.0))
+    n_ctx = w.max_length + GGUF_VERIFY_EXTRA
+    verify = m.params * 4 + gguf + 2 * n_ctx * m.vocab * 4
+    need.note = f"verify: fp32 reference + {biggest} GGUF mapped"
+    need.device["~max(export: one tensor; verify: fp32 model + GGUF + logits)"] = \
+        max(export, verify)
+    return need
+
+
+def onnx_need(m: ModelShape, w: Workload) -> Need:
+    """ONNX export (optimum traces the whole model) and verification (module doc)."""
+    so = 2 if w.onnx_dtype == "fp16" else 4
+    need = Need(note="optimum loads and traces the whole model")
+    need.device["~process"] = CPU_BASE
+    export = 3 * m.params * so
+    verify = m.params * (4 + so + (1 if w.onnx_quantize else 0)) if w.onnx_verify else 0
+    need.device["~max(export: 3 copies; verify: PyTorch + ONNX Runtime)"] = max(export, verify)
+    return need

@@ -1,0 +1,205 @@
+"""The memory plan (``lens_merge.plan``): formulas against hand-computed values, parameter
+counts against transformers' own modules (meta device, no weights), the paper's 8B setup on a
+24 GB GPU, a 70B shape refused, and ``run`` refusing before any stage starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lens_merge.config import Recipe, load_recipe, with_overrides
+from lens_merge.errors import ConfigError
+from lens_merge.plan import PlanError, check_plan, load_shape, parse_size, plan_recipe
+from lens_merge.plan import formulas as F
+from lens_merge.plan.shapes import shape_from_config
+from lens_merge.testing import TINY_CONFIGS
+from tests.conftest import ROOT
+
+GB = 10**9
+# SmolLM2-135M-Instruct (the default model) as config.json says
+SMOL = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True, "dtype": "float32"}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_parameter_count_matches_transformers(family):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_CONFIGS[family])
+    hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    block = sum(p.numel() for p in model.base_model.layers[0].parameters())
+    m = shape_from_config(TINY_CONFIGS[family], family)
+    assert m.block_params == block
+    assert m.params == sum(p.numel() for p in model.parameters())
+
+
+def test_published_shapes():
+    assert load_shape("llama3-8b").params == 8_030_261_248  # Llama-3-8B
+    assert load_shape("llama3-70b").params == 70_553_706_496  # Llama-3-70B
+    m = load_shape("llama3-8b")
+    assert (m.d, m.f, m.n_layers, m.n_heads, m.n_kv, m.head_dim, m.vocab, m.tied, m.dtype) == \
+        (4096, 14336, 32, 32, 8, 128, 128256, False, "bfloat16")
+
+
+def test_formulas_by_hand():
+    m = shape_from_config(TINY_CONFIGS["llama"], "tiny")  # d 64, f 128, N 4, H 4, Hkv 2, tied
+    pb = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert (m.head_dim, m.block_params) == (16, 36_992) and pb == 36_992
+    assert m.params == 2048 * 64 + 4 * 36_992 + 64 == 279_104
+    w = F.Workload(languages=2, max_length=8, top_k=2, train_rows=3, probe_rows=3,
+                   shared_pass=True, eval_rows=3, train_batch=1, cache_batch=2)
+    # cache: [3 rows * 2 languages, 8, 64] fp32 + reference states [3, 2 + 1, 64] fp32
+    assert F.cache_bytes(m, w) == 3 * 2 * 8 * 64 * 4 + 3 * 3 * 64 * 4 == 14_592
+    # per token per block kept for backward: 3d + (H+2Hkv)hd + (H+Hkv)hd + 3H hd + 2HT + 4f
+    # = 192 + 128 + 96 + 192 + 64 + 512 = 1184 elements in st, + 3d fp32
+    assert F.token_train_bytes(m, 8, 4) == 1184 * 4 + 768
+    assert F.token_train_bytes(m, 8, 2) == 1184 * 2 + 768
+    t32 = F.train_need(m, w, gpu=False).device
+    assert t32["top K blocks x 16 B/param (fp32 weights, grads, AdamW)"] == \
+        2 * 36_992 * 16 + 64 * 4
+    assert t32["~activations kept for backward"] == 2 * 8 * 3 * (1184 * 4 + 768) + 2 * 8 * 64 * 4
+    assert t32["base copy + delta of the top K blocks, fp32"] == 2 * 36_992 * 8
+    assert t32["training cache"] == 14_592
+    bf = F.train_need(m, F.Workload(**{**w.__dict__, "train_dtype": "bf16"}), gpu=True)
+    assert bf.device["top K blocks x 18 B/param (fp32 weights, grads, AdamW, bf16 copies)"] \
+        == 2 * 36_992 * 18 + 64 * 4
+    assert bf.host["base copy + delta of the top K blocks, fp32 + trained copy"] == \
+        2 * 36_992 * 12
+    fp = F.frozen_pass(m, w, rows=3, batch=2, pooled_rows=3, cache=True, gpu=False).device
+    assert fp["weights: max(embeddings, one block)"] == 2048 * 64 * 4
+    assert fp["states of every prompt [rows*L, T, d]"] == 3 * 2 * 8 * 64 * 4
+    assert fp["pooled states fp32 [N, rows*L, d]"] == 4 * 3 * 2 * 64 * 4
+    assert fp["training cache (fp32, until saved)"] == 14_592
+    v = F.verify_need(m, w).device
+    assert v["two models (base + delta, folded)"] == 2 * 279_104 * 4
+    assert v["logits of both models [8, 64, V]"] == 2 * 8 * 64 * 2048 * 8
+    # eval, per row: KV caches of base and Lens 2 x (N Hkv hd x 2 x s x (T + G)), logits
+    # 16 V, prefill T (3 H T 4 + (3 f + 8 d) s)
+    assert F.eval_workspace(m, w, 3) == 3 * (
+        2 * 4 * 2 * 16 * 2 * 4 * (8 + 32) + 2048 * 16 + 8 * (3 * 4 * 8 * 4 + (384 + 512) * 4))
+
+
+def test_eval_batch_follows_the_budget():
+    m = load_shape("llama3-8b")
+    w = F.Workload(languages=7, max_length=128, top_k=2, train_rows=200, probe_rows=300,
+                   shared_pass=False, eval_rows=48, eval_batch=48)
+    assert F.eval_batch(m, w) == 48
+    small = F.Workload(**{**w.__dict__, "eval_budget": F.eval_workspace(m, w, 10)})
+    assert F.eval_batch(m, small) == 10
+
+
+@pytest.mark.parametrize("text,n", [("24GB", 24 * 10**9), ("24 GiB", 24 * 2**30),
+                                    ("512MiB", 512 * 2**20), ("1.5T", 15 * 10**11),
+                                    ("100", 100), (64, 64)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "24XB", "-1GB", "GB", "0"])
+def test_parse_size_refuses(text):
+    with pytest.raises(ConfigError):
+        parse_size(text, "plan.memory")
+
+
+def _paper(monkeypatch, **plan) -> Recipe:
+    monkeypatch.chdir(ROOT)  # the recipe's data paths are relative to the checkout
+    r = load_recipe(ROOT / "recipes" / "llama3-8b-instruct-7lang.yaml")
+    return with_overrides(r, {f"plan.{k}": v for k, v in plan.items()})
+
+
+def test_paper_setup_fits_a_24gb_gpu(monkeypatch):
+    r = _paper(monkeypatch, memory="24GB", host_memory="64GB", config="llama3-8b")
+    p = plan_recipe(r)
+    rows = {s.name: s for s in p.stages}
+    assert p.shape.params == 8_030_261_248 and p.workload.train_dtype == "bf16"
+    assert p.workload.train_rows == 200 and p.workload.languages == 7
+    assert [s.name for s in p.stages] == ["probe", "cache", "train", "eval", "fold", "verify",
+                                          "gguf"]
+    for name in ("probe", "cache", "train", "eval"):
+        assert rows[name].device == "cuda" and rows[name].fits, rows[name]
+        assert rows[name].device_peak < 24 * 10**9
+    # two top blocks: 18 bytes per parameter (fp32 weights, grads, AdamW; bf16 autocast copies)
+    assert rows["train"].device_terms[
+        "top K blocks x 18 B/param (fp32 weights, grads, AdamW, bf16 copies)"] == \
+        2 * 218_112_000 * 18 + 4096 * 4
+    assert rows["cache"].cache_disk == 200 * 7 * 128 * 4096 * 4 + 200 * 8 * 4096 * 4
+    assert p.fits is True
+
+
+def test_paper_setup_host_stages_need_more_than_24gb_of_ram(monkeypatch):
+    """Today's verify (two bf16 models) and GGUF verify (an fp32 reference) run on the CPU."""
+    p = plan_recipe(_paper(monkeypatch, memory="24GB", host_memory="24GB", config="llama3-8b"))
+    assert {s.name for s in p.stages if s.fits is False} == {"verify", "gguf"}
+    assert all(s.short == ("device",) and s.device == "cpu" for s in p.stages if not s.fits)
+
+
+def test_70b_does_not_fit_24gb(monkeypatch):
+    p = plan_recipe(_paper(monkeypatch, memory="24GB", host_memory="64GB", config="llama3-70b"))
+    rows = {s.name: s for s in p.stages}
+    assert p.fits is False
+    assert rows["train"].fits is False and "device" in rows["train"].short
+    assert rows["eval"].fits is False
+    assert "train needs" in p.refusal() and "on cuda (has 22.35 GiB)" in p.refusal()
+
+
+def test_base_not_on_disk_needs_a_config(monkeypatch):
+    from lens_merge.errors import ModelError
+
+    with pytest.raises(ModelError, match="--config"):
+        plan_recipe(_paper(monkeypatch, memory="24GB", config=None))
+
+
+def _tiny_base(tmp_path, cfg: dict):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(cfg))
+    return base
+
+
+def test_default_recipe_fits_this_kind_of_machine(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    r = with_overrides(load_recipe(ROOT / "recipes" / "default.yaml"),
+                       {"plan.memory": "24GB"})
+    p = plan_recipe(r, config=_tiny_base(tmp_path, SMOL))
+    assert p.shape.params == 134_515_008
+    assert p.workload.shared_pass and p.workload.train_rows == 96
+    assert [s.name for s in p.stages][0] == "probe+cache" and p.fits is True
+    assert max(s.device_peak for s in p.stages) < 3 * 2**30
+
+
+def test_run_refuses_before_any_stage(tmp_path):
+    from lens_merge.release.pipeline import run_recipe
+
+    big = {**TINY_CONFIGS["llama3"], "hidden_size": 8192, "intermediate_size": 28672,
+           "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+           "vocab_size": 128256, "torch_dtype": "bfloat16"}  # a 70B shape, no weights
+    out = tmp_path / "out"
+    r = Recipe(name="huge", base=str(_tiny_base(tmp_path, big)), languages=["en", "zh"],
+               output_dir=str(out), plan={"memory": "24GB", "host_memory": "64GB"},
+               export={"onnx": None}, data={"max_train_samples": 4, "max_probe_samples": 4})
+    with pytest.raises(PlanError, match="train needs") as exc:
+        run_recipe(r, push=False)
+    assert exc.value.plan.fits is False
+    assert not out.exists()  # refused before the release folder was made
+    off = with_overrides(r, {"plan.check": False})
+    assert check_plan(off) is None
+
+
+def test_cli_exit_codes(monkeypatch):
+    from typer.testing import CliRunner
+
+    from lens_merge.cli import app
+
+    monkeypatch.chdir(ROOT)
+    recipe = "recipes/llama3-8b-instruct-7lang.yaml"
+    args = ["plan", recipe, "--memory", "24GB", "--host-memory", "64GB", "--config"]
+    ok = CliRunner().invoke(app, args + ["llama3-8b"], env={"COLUMNS": "120"})
+    assert ok.exit_code == 0, ok.output
+    assert "train" in ok.output and "NO" not in ok.output
+    no = CliRunner().invoke(app, args + ["llama3-70b"], env={"COLUMNS": "120"})
+    assert no.exit_code == 1 and "does not fit: train needs" in no.output
