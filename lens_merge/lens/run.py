@@ -63,12 +63,13 @@ def _shared_pass(recipe: Recipe, model_dir: Path, tok, texts: dict[str, list[str
     from lens_merge.lens.hidden import pool
     from lens_merge.lens.train.cache import build_cache
     from lens_merge.lens.train.loop import cache_path_for
+    from lens_merge.lens.train.store import is_complete
 
     prompts = load_prompts(recipe.data.train, recipe.languages, split="train",
                            max_samples=recipe.data.max_train_samples)
     path = cache_path_for(work_dir, model_dir, prompts, recipe.train, recipe.data.max_length,
                           recipe.probe.chat_template)
-    if path.is_file():
+    if is_complete(path):
         return None
     where = {}
     for lang in recipe.languages:

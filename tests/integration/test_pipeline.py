@@ -85,7 +85,9 @@ def test_run_all_stages_then_skip_then_force(tmp_path, tiny_model):
     assert changed["probe"] == "skipped" and changed["train"] == "ran"
     assert changed["eval"] == changed["fold"] == changed["gguf"] == changed["card"] == "ran"
     cache_dir = root / ".work" / "cache"
-    assert len(list(cache_dir.glob("*.pt"))) == 1  # the new lr reused the cache
+    assert len(list(cache_dir.glob("*/cache.json"))) == 1  # the new lr reused the cache
+    assert [p.name for p in cache_dir.iterdir()] == [p.parent.name
+                                                     for p in cache_dir.glob("*/cache.json")]
 
 
 def test_shared_pass_probe_equals_plain_probe(tmp_path, tiny_model):
@@ -100,7 +102,7 @@ def test_shared_pass_probe_equals_plain_probe(tmp_path, tiny_model):
     plain = run_probe(r, tmp_path / "b")
     assert shared.meta["shared_pass"] == sorted(LANGS) and plain.meta["shared_pass"] == []
     assert shared.meta["sample_counts"] == plain.meta["sample_counts"] == dict.fromkeys(LANGS, 5)
-    assert len(list((tmp_path / "work" / "cache").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "work" / "cache").glob("*/cache.json"))) == 1
     for a, b in zip(Subspace.load(tmp_path / "a").layers, plain.layers, strict=True):
         torch.testing.assert_close(a.means, b.means, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(a.deltas, b.deltas, atol=1e-4, rtol=1e-4)

@@ -10,10 +10,11 @@ learning rate or schedule.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lens_merge.lens.train.store import pad_batch
 from lens_merge.progress import NULL, Progress
 
 if TYPE_CHECKING:
@@ -26,7 +27,11 @@ Observe = Callable[[str, int, "torch.Tensor", "torch.Tensor"], None]  # (lang, k
 
 @dataclass
 class LensCache:
-    """Per row and language: block-(N-K) input states; reference last/mean states."""
+    """Per row and language: block-(N-K) input states; reference last/mean states.
+
+    In memory, as ``build_cache`` returns it; ``save`` writes it as a cache folder that the
+    trainer reads per batch (``lens_merge.lens.train.store.DiskCache``).
+    """
 
     languages: list[str]
     first_block: int
@@ -34,12 +39,18 @@ class LensCache:
     ref_last: torch.Tensor                 # [n, L, d] reference final state, last token
     ref_mean_en: torch.Tensor              # [n, d] reference masked mean of English states
     meta: dict[str, Any] = field(default_factory=dict)
+    rows: list[int] | None = None          # global row ids held (None: 0..n-1)
 
     def __len__(self) -> int:
         return self.ref_last.shape[0]
 
+    def row_ids(self) -> list[int]:
+        """The global row ids held, in order."""
+        return list(range(len(self))) if self.rows is None else list(self.rows)
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        """Left-pad the rows ``idx`` of every language into one batch, language-major.
+        """Left-pad the rows ``idx`` (global ids) of every language into one batch,
+        language-major.
 
         Returns:
             ``x`` [L*B, T, d], ``mask`` [L*B, T], ``ref_last`` [B, L, d],
@@ -47,36 +58,27 @@ class LensCache:
         """
         import torch
 
-        seqs = [self.x[lang][i] for lang in self.languages for i in idx]
-        T = max(s.shape[0] for s in seqs)
-        d = seqs[0].shape[1]
-        x = seqs[0].new_zeros((len(seqs), T, d))
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            x[j, T - s.shape[0]:] = s
-            mask[j, T - s.shape[0]:] = 1
-        ix = torch.tensor(idx)
+        pos = {r: j for j, r in enumerate(self.row_ids())}
+        at = [pos[i] for i in idx]
+        x, mask = pad_batch([self.x[lang][j] for lang in self.languages for j in at])
+        ix = torch.tensor(at)
         return {"x": x, "mask": mask, "ref_last": self.ref_last[ix],
-                "ref_mean_en": self.ref_mean_en[ix], "index": ix}
+                "ref_mean_en": self.ref_mean_en[ix], "index": torch.tensor(idx)}
 
     def save(self, path: str | Path) -> None:
-        import torch
+        """Write a cache folder with one shard (atomically: it appears whole or not at all).
 
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        torch.save({"languages": self.languages, "first_block": self.first_block, "x": self.x,
-                    "ref_last": self.ref_last, "ref_mean_en": self.ref_mean_en,
-                    "meta": self.meta}, tmp)
-        tmp.replace(p)
+        Args:
+            path: the folder, ``cache/<key16>`` under the work dir.
+        """
+        from lens_merge.files import atomic_dir
+        from lens_merge.lens.train.store import Shard, shard_name, write_meta, write_shard
 
-    @classmethod
-    def load(cls, path: str | Path) -> LensCache:
-        import torch
-
-        d = torch.load(Path(path), weights_only=True)
-        return cls(d["languages"], d["first_block"], d["x"], d["ref_last"], d["ref_mean_en"],
-                   d["meta"])
+        name = shard_name(0, 1)
+        with atomic_dir(path, overwrite=True) as tmp:
+            write_shard(self, tmp / name)
+            write_meta(tmp, self, int(self.meta.get("n_rows", len(self))),
+                       [Shard(file=name, rows=self.row_ids())])
 
 
 def build_cache(
@@ -91,6 +93,7 @@ def build_cache(
     device: str = "cpu",
     progress: Progress = NULL,
     observe: Observe | None = None,
+    rows: list[int] | None = None,
 ) -> LensCache:
     """Stream the frozen model once over every prompt and keep what training needs.
 
@@ -109,10 +112,12 @@ def build_cache(
         observe: called as ``observe(lang, k, hidden, attention_mask)`` for every batch and
             k = 0..N, with ``hidden`` the batch's HF ``hidden_states[k]``, so that another
             consumer (the probe) can share this pass.
+        rows: build only these rows (global indices into ``prompts``, kept in this order):
+            one process's shard under ``accelerate launch``; None: every row.
 
     Returns:
-        The cache; rows in prompt order, the inputs ``x`` divided by the model's input scale
-        (Gemma multiplies ``inputs_embeds`` by sqrt(hidden) in its forward).
+        The cache; rows in prompt order (or ``rows``' order), the inputs ``x`` divided by
+        the model's input scale (Gemma multiplies ``inputs_embeds`` by sqrt(hidden) in its forward).
     """
     import torch
     from transformers import AutoConfig
@@ -128,6 +133,11 @@ def build_cache(
         raise ValueError(f"top_k={top_k} does not fit a model of {n_blocks} blocks")
     input_scale = input_scale_of(config, for_config(config.to_dict()))
     langs = list(prompts.languages)
+    n_rows = len(prompts)
+    if rows is not None:
+        if any(not 0 <= r < n_rows for r in rows):
+            raise ValueError(f"rows {rows} are not all in 0..{n_rows - 1}")
+        prompts = replace(prompts, rows=tuple(prompts.rows[r] for r in rows))
     batches = encode_batches(tokenizer, {lang: prompts.texts(lang) for lang in langs},
                              max_length, batch_size, chat_template)
     xs: dict[str, list[torch.Tensor]] = {lang: [] for lang in langs}
@@ -151,5 +161,5 @@ def build_cache(
     stream(model_dir, batches, visit, dtype, device, progress, "cache (frozen blocks)")
     ref_last = torch.stack([torch.cat(last[lang]) for lang in langs], 1)
     return LensCache(langs, first, xs, ref_last, torch.cat(mean_en),
-                     {"n_rows": len(prompts), "top_k": top_k, "max_length": max_length,
-                      "dtype": dtype or "stored"})
+                     {"n_rows": n_rows, "top_k": top_k, "max_length": max_length,
+                      "dtype": dtype or "stored"}, None if rows is None else list(rows))

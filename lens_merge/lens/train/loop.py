@@ -13,7 +13,7 @@ from lens_merge.config import TrainConfig
 from lens_merge.data import PromptSet
 from lens_merge.errors import DataError
 from lens_merge.lens.probe import Subspace
-from lens_merge.lens.train.cache import LensCache, build_cache
+from lens_merge.lens.train.cache import build_cache
 from lens_merge.lens.train.losses import LossWeights, lens_losses
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import canonical_hash
@@ -31,6 +31,7 @@ class TrainResult:
     cache_path: Path
     cache_reused: bool
     steps: int
+    cache_rows: list[int]  # the rows this process built (empty when reused)
 
 
 def cache_key(model_dir: Path, prompts: PromptSet, cfg: TrainConfig, max_length: int,
@@ -51,7 +52,7 @@ def cache_path_for(work_dir: str | Path, model_dir: Path, prompts: PromptSet, cf
                    max_length: int, chat_template: bool) -> Path:
     """Where the cache of these prompts and settings lives under ``work_dir``."""
     key = cache_key(model_dir, prompts, cfg, max_length, chat_template)
-    return Path(work_dir) / "cache" / f"{key[:16]}.pt"
+    return Path(work_dir) / "cache" / key[:16]
 
 
 def train(
@@ -73,7 +74,8 @@ def train(
         subspace: probe output; its last layer is used.
         prompts: parallel training prompts, languages in the subspace's order.
         cfg: training hyperparameters and loss weights.
-        work_dir: holds the cache (``cache/<key>.pt``) and ``train_log.jsonl``.
+        work_dir: holds the cache (the folder ``cache/<key16>/``, see
+            ``lens_merge.lens.train.store``) and ``train_log.jsonl``.
         max_length, chat_template: prompt encoding.
         base_ref: how the user named the base (``default`` or a path), for provenance.
         cpu: force CPU (default: accelerate decides; ``accelerate launch --cpu`` works).
@@ -81,10 +83,11 @@ def train(
     """
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     from lens_merge.lens.train.stack import load_top_stack
+    from lens_merge.lens.train.store import DiskCache, is_complete
     from lens_merge.models import load_tokenizer
     from lens_merge.weights.blocks import read_tensors, trim_heap
 
@@ -98,16 +101,17 @@ def train(
     set_seed(cfg.seed)
 
     cache_path = cache_path_for(work_dir, model_dir, prompts, cfg, max_length, chat_template)
-    reused = cache_path.is_file()
-    with acc.main_process_first():
-        if cache_path.is_file():
-            cache = LensCache.load(cache_path)
-        else:  # streamed one frozen block at a time: the model is never loaded whole
-            cache = build_cache(model_dir, load_tokenizer(model_dir), prompts, cfg.top_k,
-                                max_length, cfg.cache_batch_size, chat_template, cfg.dtype,
-                                str(acc.device), progress if acc.is_main_process else NULL)
-            if acc.is_main_process:
-                cache.save(cache_path)
+    reused = is_complete(cache_path)
+    built: list[int] = []
+    if not reused:  # each process streams only the rows its share of epoch 0 visits
+        built = _epoch_share(len(prompts), cfg.batch_size, cfg.seed, acc.num_processes,
+                             acc.process_index)
+        _build_shards(acc, cache_path, built, lambda rows: build_cache(
+            model_dir, load_tokenizer(model_dir), prompts, cfg.top_k, max_length,
+            cfg.cache_batch_size, chat_template, cfg.dtype, str(acc.device),
+            progress if acc.is_main_process else NULL,
+            rows=None if acc.num_processes == 1 else rows))
+    cache = DiskCache(cache_path)  # read per batch from the mapped shards
 
     # only the top K blocks, the final norm and the rotary embedding: fp32 master weights
     stack, model = load_top_stack(model_dir, cfg.top_k, "fp32", "cpu")
@@ -140,7 +144,7 @@ def train(
     L = len(prompts.languages)
     log_path = work_dir / LOG_NAME
     logf = open(log_path, "w") if acc.is_main_process else None
-    step, acc_terms, last = 0, {}, {}
+    step, acc_terms, last, step_rows = 0, {}, {}, []
     try:
         with (progress if acc.is_main_process else NULL).task("train (top blocks)",
                                                               total=total_steps) as task:
@@ -155,6 +159,7 @@ def train(
                         opt.zero_grad(set_to_none=True)
                     for k, v in terms.items():
                         acc_terms.setdefault(k, []).append(v.detach())
+                    step_rows += batch["index"].tolist()
                     if acc.sync_gradients:
                         sched.step()
                         step += 1
@@ -162,7 +167,11 @@ def train(
                         last = {k: float(acc.reduce(torch.stack(v).mean(), "mean"))
                                 for k, v in acc_terms.items()}
                         acc_terms = {}
-                        rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], **last}
+                        # the cache rows each process read in this step: [[rank 0], [rank 1]...]
+                        rows_read = gather_object([step_rows])
+                        step_rows = []
+                        rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                               **last, "cache_rows": rows_read}
                         if logf:
                             logf.write(json.dumps(rec) + "\n")
                             logf.flush()
@@ -196,7 +205,64 @@ def train(
         # instead of kept beside the trained copy through training
         base_state = read_tensors(model_dir, names, torch.float32)
         delta = LensDelta.from_weights(base_state, trained, base_hashes, meta)
-    return TrainResult(delta, log_path, last, cache_path, reused, step)
+    return TrainResult(delta, log_path, last, cache_path, reused, step, built)
+
+
+def _epoch_share(n: int, batch_size: int, seed: int, num_processes: int,
+                 rank: int) -> list[int]:
+    """The rows process ``rank`` visits in the first epoch, in order of first visit.
+
+    The trainer's loader (``shuffle`` with a generator seeded ``seed``) prepared by
+    accelerate gives process r the batches r, r+P, r+2P... of the shuffled order, looping
+    back to the start to even the last ones (``BatchSamplerShard``); this replays that.
+    """
+    import torch
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, DataLoader
+
+    if num_processes == 1:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    order = [i for b in DataLoader(list(range(n)), batch_size=batch_size, shuffle=True,
+                                   generator=g, collate_fn=list) for i in b]
+    shard = BatchSamplerShard(BatchSampler(order, batch_size, False), num_processes, rank,
+                              split_batches=False, even_batches=True)
+    return list(dict.fromkeys(i for b in shard for i in b))
+
+
+def _build_shards(acc, folder: Path, rows: list[int], build) -> None:
+    """Build the cache folder with every process writing the shard of its own ``rows``.
+
+    Process 0 makes a temporary sibling and, once every shard is in it, writes the meta and
+    renames it into place; an interrupted build never looks complete.
+    """
+    import shutil
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from lens_merge.files import ordinary_permissions, replace_dir, temp_sibling
+    from lens_merge.lens.train.store import Shard, shard_name, write_meta, write_shard
+
+    P, r = acc.num_processes, acc.process_index
+    tmp = [None]
+    if acc.is_main_process:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = [str(temp_sibling(folder))]
+        Path(tmp[0]).mkdir()
+    tmp = Path(broadcast_object_list(tmp)[0])
+    try:
+        cache = build(rows)
+        write_shard(cache, tmp / shard_name(r, P))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shards = gather_object([Shard(file=shard_name(r, P), rows=rows, rank=r).model_dump()])
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_meta(tmp, cache, int(cache.meta["n_rows"]), [Shard(**s) for s in shards])
+        ordinary_permissions(tmp)
+        replace_dir(tmp, folder, overwrite=True)
+    acc.wait_for_everyone()
 
 
 def _named(model, names: list[str]) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""The training cache on disk: a folder of safetensors shards, read per batch through mmap.
+
+Layout of ``cache/<key16>/``:
+
+- ``rows-<i>-of-<P>.safetensors``: the rows one process built. Per language ``x.<lang>``, the
+  unpadded stream entering block N-K of every row laid end to end ``[tokens, d]`` fp32, with
+  ``offsets.<lang>`` ``[rows+1]`` int64 (row j is ``x[offsets[j]:offsets[j+1]]``);
+  ``ref_last`` ``[rows, L, d]``, ``ref_mean_en`` ``[rows, d]`` and ``rows`` ``[rows]`` int64,
+  the rows' global indices.
+- ``cache.json`` (:class:`CacheMeta`): the format version, the languages, the first block, the
+  number of rows and, per shard, its file, its rows and the process that built it. It is
+  written last: a folder is complete when it has one, and folders only appear by a rename
+  (an interrupted build leaves a temporary sibling that is never read).
+
+Any reader finds any row through the meta, so a cache built by one process serves P processes
+and the other way round (on a filesystem they share).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from lens_merge.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = 1
+META_NAME = "cache.json"
+
+
+class CacheRows(Protocol):
+    """What a shard is written from (``lens_merge.lens.train.cache.LensCache``)."""
+
+    languages: list[str]
+    first_block: int
+    x: dict[str, list[torch.Tensor]]
+    ref_last: torch.Tensor
+    ref_mean_en: torch.Tensor
+    meta: dict[str, Any]
+
+    def row_ids(self) -> list[int]: ...
+
+
+class Shard(BaseModel):
+    """One shard file and the global rows it holds, in its order."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    rows: list[int]
+    rank: int = 0  # the process that built it
+
+
+class CacheMeta(BaseModel):
+    """``cache.json``: what the folder holds."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: int
+    languages: list[str]
+    first_block: int
+    n_rows: int
+    shards: list[Shard]
+    build: dict[str, Any] = {}
+
+
+def shard_name(index: int, count: int) -> str:
+    """File name of shard ``index`` of ``count``."""
+    return f"rows-{index:05d}-of-{count:05d}.safetensors"
+
+
+def is_complete(folder: str | Path) -> bool:
+    """Whether ``folder`` is a finished cache (its meta is written last)."""
+    return (Path(folder) / META_NAME).is_file()
+
+
+def write_shard(cache: CacheRows, path: str | Path) -> None:
+    """Write the rows of an in-memory cache as one shard file (atomically)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lens_merge.files import atomic_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for lang in cache.languages:
+        seqs = cache.x[lang]
+        lens = torch.tensor([0] + [s.shape[0] for s in seqs], dtype=torch.int64)
+        tensors[f"x.{lang}"] = torch.cat(seqs).float().contiguous()
+        tensors[f"offsets.{lang}"] = lens.cumsum(0)
+    tensors["ref_last"] = cache.ref_last.float().contiguous()
+    tensors["ref_mean_en"] = cache.ref_mean_en.float().contiguous()
+    tensors["rows"] = torch.tensor(cache.row_ids(), dtype=torch.int64)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+
+
+def write_meta(folder: str | Path, cache: CacheRows, n_rows: int,
+               shards: list[Shard]) -> None:
+    """Write ``cache.json`` into ``folder`` (last step of a build)."""
+    from lens_merge.files import write_json_atomic
+
+    meta = CacheMeta(format_version=FORMAT_VERSION, languages=list(cache.languages),
+                     first_block=cache.first_block, n_rows=n_rows, shards=shards,
+                     build={k: v for k, v in cache.meta.items() if k != "n_rows"})
+    write_json_atomic(Path(folder) / META_NAME, meta.model_dump())
+
+
+def read_meta(folder: str | Path) -> CacheMeta:
+    """Read and check a cache folder's ``cache.json``."""
+    p = Path(folder) / META_NAME
+    try:
+        meta = CacheMeta.model_validate_json(p.read_text())
+    except OSError as exc:
+        raise DataError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise DataError(f"{p}: not a training-cache meta ({exc})") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise DataError(f"{p}: format_version {meta.format_version}, expected "
+                        f"{FORMAT_VERSION}; remove the folder to rebuild the cache")
+    return meta
+
+
+class DiskCache:
+    """The cache read per batch from memory-mapped shards; same ``collate`` as ``LensCache``.
+
+    Only the offsets and row ids are read at open; ``collate`` slices the rows it is asked
+    for out of the mapped files, so memory holds one batch, never the whole cache.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        m = read_meta(self.folder)
+        self.languages, self.first_block, self.meta = m.languages, m.first_block, m.build
+        self.n_rows, self.shards = m.n_rows, m.shards
+        self._files, self._offsets = [], []
+        self._where: dict[int, tuple[int, int]] = {}  # row -> (shard, position)
+        for s, sh in enumerate(m.shards):
+            f = safe_open(str(self.folder / sh.file), framework="pt")
+            rows = f.get_tensor("rows").tolist()
+            if rows != sh.rows:
+                raise DataError(f"{self.folder / sh.file}: tensor 'rows' differs from "
+                                f"{META_NAME}'s rows for it; remove the folder to rebuild")
+            self._files.append(f)
+            self._offsets.append({lang: f.get_tensor(f"offsets.{lang}").tolist()
+                                  for lang in self.languages})
+            for j, r in enumerate(rows):
+                self._where.setdefault(r, (s, j))
+        missing = sorted(set(range(self.n_rows)) - set(self._where))
+        if missing:
+            raise DataError(f"{self.folder}: rows {missing[:8]} are in no shard; remove the "
+                            "folder to rebuild the cache")
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def _x(self, lang: str, row: int) -> torch.Tensor:
+        s, j = self._where[row]
+        off = self._offsets[s][lang]
+        return self._files[s].get_slice(f"x.{lang}")[off[j]:off[j + 1]]
+
+    def _ref(self, name: str, row: int) -> torch.Tensor:
+        s, j = self._where[row]
+        return self._files[s].get_slice(name)[j:j + 1]
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        """Left-pad the rows ``idx`` of every language into one batch, language-major.
+
+        Returns:
+            ``x`` [L*B, T, d], ``mask`` [L*B, T], ``ref_last`` [B, L, d],
+            ``ref_mean_en`` [B, d], ``index`` [B] (as ``LensCache.collate``).
+        """
+        import torch
+
+        seqs = [self._x(lang, i) for lang in self.languages for i in idx]
+        x, mask = pad_batch(seqs)
+        return {"x": x, "mask": mask,
+                "ref_last": torch.cat([self._ref("ref_last", i) for i in idx]),
+                "ref_mean_en": torch.cat([self._ref("ref_mean_en", i) for i in idx]),
+                "index": torch.tensor(idx)}
+
+
+def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad ``[T_i, d]`` sequences with zeros: ``x`` [n, T, d] and ``mask`` [n, T]."""
+    import torch
+
+    T = max(s.shape[0] for s in seqs)
+    d = seqs[0].shape[1]
+    x = seqs[0].new_zeros((len(seqs), T, d))
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        x[j, T - s.shape[0]:] = s
+        mask[j, T - s.shape[0]:] = 1
+    return x, mask
