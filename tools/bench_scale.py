@@ -204,11 +204,24 @@ def _fresh(out: Path) -> Path:
     return out
 
 
+def _build_in_child(layers: int, work: Path) -> Path:
+    """``build_checkpoint`` in a spawned process: Linux carries a parent's peak RSS into every
+    child it forks (``ru_maxrss`` survives exec), so the parent must never hold a big model."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=build_checkpoint, args=(layers, work))
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        raise SystemExit(f"building the {layers}-layer checkpoint failed (exit {proc.exitcode})")
+    return work / f"llama-{layers}L"
+
+
 def run_model(layers: int, work: Path, stages: list[str], env: dict[str, str]) -> list[dict]:
     """Build (or reuse) one benchmark checkpoint and measure each stage."""
     import yaml
 
-    model = build_checkpoint(layers, work)
+    model = _build_in_child(layers, work)
     out = _fresh(work / f"run-{layers}L")
     recipe = out / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_for(model, out / "release")))
