@@ -118,16 +118,6 @@ def hooked(model, directions: dict[int, np.ndarray], strength: float = 1.0) -> I
             h.remove()
 
 
-def _limits(variant: str | None, path: Path) -> dict[str, float]:
-    from lens_merge.parity.thresholds import THRESHOLDS, thresholds_for
-
-    try:
-        return thresholds_for(KIND, str(variant))
-    except KeyError:
-        raise AdapterError(f"{path}: no control vector thresholds for a {variant} model; verify "
-                           f"against one of {', '.join(THRESHOLDS[KIND])}") from None
-
-
 def compare_with_hooks(
     checkpoint: str | Path,
     gguf_model: str | Path,
@@ -166,7 +156,7 @@ def compare_with_hooks(
     rows, shift = [], 0.0
     try:
         variant = _llama.file_type_label(llm)
-        limits = _limits(variant, Path(gguf_model))
+        limits = _llama.adapter_limits(KIND, variant, gguf_model)
         n_layer = _llama.n_layer_of(llm)
         eos = _llama.eos_ids(llm) | set(generation_eos(checkpoint))
         if tok.eos_token_id is not None:

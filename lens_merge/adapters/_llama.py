@@ -47,6 +47,21 @@ def open_llama(path: str | Path, n_ctx: int, n_threads: int = 2, lora_path: str 
         raise AdapterError(f"llama.cpp cannot load {what}: {exc}") from None
 
 
+def adapter_limits(kind: str, variant: str | None, path: str | Path) -> dict[str, float]:
+    """The parity limits of an adapter check for the model type ``variant``.
+
+    Raises:
+        AdapterError: no row for that type, naming the file and the types there are rows for.
+    """
+    from lens_merge.parity.thresholds import THRESHOLDS, thresholds_for
+
+    try:
+        return thresholds_for(kind, str(variant))
+    except KeyError:
+        raise AdapterError(f"{path}: no {kind} thresholds for a {variant} model; verify against "
+                           f"one of {', '.join(THRESHOLDS[kind])}") from None
+
+
 def token_text(llm, token: int | None) -> str:
     """The text of one special token (empty for None)."""
     if token is None or token < 0:

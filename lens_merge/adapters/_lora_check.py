@@ -22,16 +22,6 @@ from lens_merge.records import ParityReport, parity_report
 KIND = "gguf_lora"
 
 
-def _limits(variant: str | None, path: Path) -> dict[str, float]:
-    from lens_merge.parity.thresholds import THRESHOLDS, thresholds_for
-
-    try:
-        return thresholds_for(KIND, str(variant))
-    except KeyError:
-        raise AdapterError(f"{path}: no LoRA GGUF thresholds for type {variant}; verify on one "
-                           f"of {', '.join(THRESHOLDS[KIND])}") from None
-
-
 def _gguf_header(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """(scalar keys, tensor name -> ggml ne) of a GGUF, read with gguf's own reader."""
     from gguf import GGUFReader
@@ -167,7 +157,7 @@ def verify_gguf_lora(
     with progress.task(f"verify {adapter_gguf.name}", total=2 + int(baseline)) as task:
         ref_type, ref_vocab, ref = _run(folded_gguf, encoded, max_new_tokens, eos, n_ctx,
                                         n_threads)
-        limits = _limits(ref_type, folded_gguf)
+        limits = _llama.adapter_limits(KIND, ref_type, folded_gguf)
         task.advance(1)
         got_type, got_vocab, got = _run(base_gguf, encoded, max_new_tokens, eos, n_ctx,
                                         n_threads, lora=adapter_gguf, scale=scale)
