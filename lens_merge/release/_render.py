@@ -191,14 +191,8 @@ def _usage(info: dict) -> list[str]:
              f"repo = {json.dumps(repo)}",
              "tok = AutoTokenizer.from_pretrained(repo)",
              "model = AutoModelForCausalLM.from_pretrained(repo)"]
-    if info["chat_template"]:
-        lines += [f"messages = [{{\"role\": \"user\", \"content\": "
-                  f"{json.dumps(prompt, ensure_ascii=False)}}}]",
-                  "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, "
-                  "return_tensors=\"pt\", return_dict=True)"]
-    else:
-        lines.append(f"inputs = tok({json.dumps(prompt, ensure_ascii=False)}, "
-                     "return_tensors=\"pt\")")
+    encode = _encode_lines(prompt, info["chat_template"])
+    lines += encode
     lines += ["out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
               "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], "
               "skip_special_tokens=True))", "```", ""]
@@ -217,12 +211,21 @@ def _usage(info: dict) -> list[str]:
                   "tok = AutoTokenizer.from_pretrained(repo)",
                   "model = ORTModelForCausalLM.from_pretrained(repo, subfolder=\"onnx\", "
                   f"file_name={json.dumps(info['onnx_file'])})",
-                  f"inputs = tok({json.dumps(prompt, ensure_ascii=False)}, "
-                  "return_tensors=\"pt\")",
+                  *encode,
                   "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
                   "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], "
                   "skip_special_tokens=True))", "```", ""]
     return lines
+
+
+def _encode_lines(prompt: str, chat_template: bool) -> list[str]:
+    """The snippet lines that turn the prompt into ``inputs`` (chat template when the model has one)."""
+    text = json.dumps(prompt, ensure_ascii=False)
+    if chat_template:
+        return [f"messages = [{{\"role\": \"user\", \"content\": {text}}}]",
+                "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, "
+                "return_tensors=\"pt\", return_dict=True)"]
+    return [f"inputs = tok({text}, return_tensors=\"pt\")"]
 
 
 def _adapter_usage(info: dict, repo: str, prompt: str) -> list[str]:
@@ -294,7 +297,7 @@ def _provenance(info: dict) -> list[str]:
         lines.append(f"- Base config sha256: `{cfg_hash}`")
     if d.get("subspace_sha256"):
         lines.append(f"- Language subspace sha256: `{d['subspace_sha256']}`")
-    lines += ["- `lens_delta/` holds the delta itself (dW of the changed tensors, fp32, and "
+    lines += ["- `delta/` holds the delta itself (dW of the changed tensors, fp32, and "
               "`lens_delta.json`); base = this model - delta.",
               "- `report/` holds the evaluation, the training log, the probe output and the "
               "verification records.", ""]

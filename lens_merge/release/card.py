@@ -2,8 +2,8 @@
 
 The card is written at ``RELEASE_DIR/README.md`` and names files by their paths in the Hub
 repository (see ``lens_merge.release.push``): the folded model at the top level, GGUF files at the
-top level, ``onnx/``, ``lens_delta/`` and ``report/``. Because ``report/`` keeps its name in the
-repository, the card's picture links work both locally and on the Hub.
+top level, ``onnx/``, ``delta/``, ``adapters/`` and ``report/``. Because these keep their names in
+the repository, the card's links and pictures work both locally and on the Hub.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Repository layout (assembled in a staging folder of hardlinks, copies where link
 - ``model/*`` at the top level, so ``from_pretrained(repo)`` works, with the card as
   ``README.md`` and the ``recipe.yaml``;
 - ``gguf/*.gguf`` at the top level (``<Name>-<TYPE>.gguf``);
-- ``onnx/*`` under ``onnx/``, ``delta/*`` under ``lens_delta/``, ``report/*`` under
-  ``report/``.
+- ``onnx/*``, ``delta/*``, ``adapters/*`` and ``report/*`` under the same folder names as in the
+  release folder (the card names them so, locally and on the Hub).
 
 The token comes from the ``token`` argument, ``HF_TOKEN`` or the login cache; it is never
 logged, returned or written, and it is scrubbed from the errors raised here. The endpoint comes
@@ -53,8 +53,6 @@ def _repo_path(rel: str) -> str:
         return rest
     if top == "gguf" and rest:
         return rest if rest.endswith(".gguf") and "/" not in rest else rel
-    if top == "delta" and rest:
-        return f"lens_delta/{rest}"
     return rel
 
 

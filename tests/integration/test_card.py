@@ -170,13 +170,16 @@ def test_transformers_snippet_runs_on_repo_layout(release, tmp_path, tiny_tokeni
 
 
 @requires_onnx
-def test_onnx_snippet_runs_on_repo_layout(release, tmp_path):
-    """A real optimum export in onnx/, loaded by the card's ONNX Runtime snippet."""
+def test_onnx_snippet_runs_on_repo_layout(release, tmp_path, tiny_tokenizer_dir):
+    """A real optimum export in onnx/, loaded by the card's ONNX Runtime snippet, which applies
+    the chat template as the transformers one does."""
     from optimum.exporters.onnx import main_export
 
+    shutil.copy2(tiny_tokenizer_dir / "chat_template.jinja", release / "model")
     shutil.rmtree(release / "onnx")
     main_export(str(release / "model"), str(release / "onnx"), task="text-generation-with-past")
     repo, code = _staged_snippet(release, tmp_path, "ONNX Runtime")
+    assert "apply_chat_template" in code
     ns: dict = {}
     exec(code.replace('"me/tiny"', json.dumps(str(repo))), ns)  # noqa: S102 - our own snippet
     assert type(ns["model"]).__name__ == "ORTModelForCausalLM"

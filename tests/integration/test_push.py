@@ -85,8 +85,8 @@ def test_plan_layout(release):
     plan = plan_upload(release)
     paths = {it.path_in_repo: it for it in plan}
     for p in ("config.json", "model.safetensors.index.json", "README.md", "recipe.yaml",
-              f"{NAME}-F16.gguf", "lens_delta/lens_delta.safetensors",
-              "lens_delta/lens_delta.json", "report/lens_report.json", "report/states_2d.png",
+              f"{NAME}-F16.gguf", "delta/lens_delta.safetensors",
+              "delta/lens_delta.json", "report/lens_report.json", "report/states_2d.png",
               "report/losses.png", "report/train_log.jsonl", "lens_merge.json"):
         assert p in paths, p
     assert any(p.startswith("model-0000") and p.endswith(".safetensors") for p in paths)
