@@ -92,7 +92,7 @@ def test_plan_layout(release):
     assert any(p.startswith("model-0000") and p.endswith(".safetensors") for p in paths)
     if (release / "onnx").is_dir():
         assert "onnx/model.onnx" in paths and "onnx/lens_merge_export.json" in paths
-    assert not any(p.startswith(("model/", "gguf/", "delta/")) for p in paths)
+    assert not any(p.startswith(("model/", "gguf/")) for p in paths)
     for it in plan:
         assert it.size == it.local.stat().st_size
     made = [f for f in release.rglob("*") if f.is_file()
