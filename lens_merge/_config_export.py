@@ -1,5 +1,5 @@
 """The recipe's ``export`` section: GGUF, ONNX and the adapters (PEFT LoRA, LoRA GGUF,
-control vectors)."""
+control vectors); and the ``bench`` section (lm-evaluation-harness tasks)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lens_merge._config_base import MAX_SAMPLES, MAX_WEIGHT, Float, Int, _Strict
+from lens_merge._config_base import MAX_BATCH, MAX_SAMPLES, MAX_WEIGHT, Float, Int, _Strict
 
 
 class GGUFConfig(_Strict):
@@ -96,3 +96,27 @@ class ExportConfig(_Strict):
     lora: LoraConfig | None = None
     gguf_lora: GGUFLoraConfig | None = None
     control_vectors: ControlVectorConfig | None = None
+
+
+class BenchConfig(_Strict):
+    """lm-evaluation-harness tasks scored for the base and Lens (``report/bench.json``, the
+    card's ``model-index``); no tasks: the bench stage is skipped. Needs the ``bench`` extra."""
+
+    tasks: list[str] = Field(default_factory=list, max_length=10_000, description="lm-eval "
+                             "task or group names, e.g. belebele_zho_Hans, xcopa_sw")
+    include_path: str | None = Field(None, description="folder of local lm-eval task YAMLs")
+    limit: Int | None = Field(None, gt=0, le=MAX_SAMPLES, description="documents per task")
+    num_fewshot: Int | None = Field(None, ge=0, le=1000, description="default: the task's")
+    batch_size: Int = Field(8, gt=0, le=MAX_BATCH)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t or t != t.strip() or "," in t]
+        if bad:
+            raise ValueError(f"task names must be non-empty, one per entry, without commas or "
+                             f"surrounding spaces; got {bad!r}")
+        if len(set(v)) != len(v):
+            raise ValueError("task names must be unique")
+        return v

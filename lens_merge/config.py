@@ -33,6 +33,7 @@ from lens_merge._config_base import (  # noqa: F401  (re-exported: config is the
     _Strict,
 )
 from lens_merge._config_export import (  # noqa: F401
+    BenchConfig,
     ControlVectorConfig,
     ExportConfig,
     GGUFConfig,
@@ -72,6 +73,15 @@ class TrainConfig(_Strict):
     lambda_align: Float = Field(1.0, ge=0, le=MAX_WEIGHT)
     separate_scale: Float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT,
                                   description="w_l, how far along delta_l to push")
+    lambda_retain_last: Float = Field(
+        0.0, ge=0, le=MAX_WEIGHT, description="MSE between the trained and the base's final "
+        "state at the last English prompt token (the one the reply is generated from)")
+    lambda_kl: Float = Field(
+        0.0, ge=0, le=MAX_WEIGHT, description="KL(base || lens) of the next-token distribution "
+        "at the last English prompt token, through the frozen final norm and head")
+    align_anchor: Literal["trained", "reference"] = Field(
+        "trained", description="what align pulls the targets' agnostic part toward: the "
+        "trained English state (the paper) or the base's (align cannot move English)")
     lr: Float = Field(1e-5, gt=0, le=10)
     weight_decay: Float = Field(0.1, ge=0, le=MAX_WEIGHT)
     warmup_ratio: Float = Field(0.05, ge=0, le=1)
@@ -99,6 +109,17 @@ class EvalConfig(_Strict):
         None, description="bytes or a size ('2GB' = 2e9, '512MiB') for one eval batch's KV "
         "caches, logits and prefill: picks the batch (at most batch_size); default: half the "
         "free GPU memory or a quarter of available RAM")
+    steering: bool = Field(True, description="measure the steering baseline beside Lens: "
+                           "alpha_l * delta_l added to the input of block N-K for prompts of "
+                           "language l (the sweep turns it off)")
+    steering_alphas: list[Annotated[Float, Field(gt=0, le=MAX_WEIGHT)]] = Field(
+        [0.5, 1.0, 2.0, 4.0, 8.0], min_length=1, max_length=32,
+        description="alpha grid; per language the one with the most first-token target mass "
+        "whose replies on the training rows are not degenerate")
+    steering_rows: Int = Field(16, gt=0, le=MAX_SAMPLES,
+                               description="training rows per language alpha is chosen on")
+    steering_tokens: Int = Field(16, gt=0, le=MAX_TOKENS,
+                                 description="greedy reply tokens of the degeneracy check")
 
 
 class FoldConfig(_Strict):
@@ -145,6 +166,7 @@ class Recipe(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     @field_validator("languages")
     @classmethod

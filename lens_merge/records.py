@@ -194,6 +194,7 @@ class StageRecord(BaseModel):
     seconds: float = 0.0
     numbers: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    peak_rss_mb: float | None = None
 
 
 class RunTable(BaseModel):
@@ -228,6 +229,7 @@ class ReleaseLayout(BaseModel):
     report: str = "report"
     subspace: str = "report/subspace"
     eval_report: str = "report/lens_report.json"
+    bench_report: str = "report/bench.json"
     mean_states: str = "report/mean_states.safetensors"
     train_log: str = "report/train_log.jsonl"
     states_png: str = "report/states_2d.png"

@@ -41,6 +41,8 @@ requires_peft = pytest.mark.skipif(not _have("peft"),
                                    reason="needs PEFT: pip install '.[lora]'")
 requires_datasets = pytest.mark.skipif(not _have("datasets"),
                                        reason="needs HF datasets: pip install '.[datasets]'")
+requires_lm_eval = pytest.mark.skipif(not _have("lm_eval"),
+                                     reason="needs lm-evaluation-harness: pip install '.[bench]'")
 requires_hypothesis = pytest.mark.skipif(not _have("hypothesis"),
                                          reason="needs hypothesis: pip install '.[dev]'")
 

@@ -48,9 +48,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from lens_merge.cli import export, fold, lens, plan, release, run
+    from lens_merge.cli import bench, export, fold, lens, plan, release, run, sweep
 
-    for mod in (lens, fold, export, release, run, plan):
+    for mod in (lens, fold, export, release, run, plan, sweep, bench):
         mod.register(app)
 
 

@@ -34,7 +34,8 @@ def run_cmd(
     def show(res):
         mark = {"ran": "[green]ran", "skipped": "[dim]skipped", "disabled": "[dim]disabled",
                 "failed": "[red]failed"}[res.status]
-        console.print(f"{mark}[/] {res.name} ({res.seconds:.1f}s)")
+        rss = f", peak RSS {res.peak_rss_mb / 1e3:.2f} GB" if res.peak_rss_mb else ""
+        console.print(f"{mark}[/] {res.name} ({res.seconds:.1f}s{rss})")
 
     try:
         run_recipe(r, force=force, push=not no_push, only=only, progress=progress(),
@@ -66,8 +67,9 @@ def _print_summary(r) -> None:
                       highlight=False, markup=False)
         return
     console.print(table(f"lens-merge run {r.name} -> {r.release_dir}",
-                        ["stage", "status", "seconds", "numbers"],
+                        ["stage", "status", "seconds", "peak RSS GB", "numbers"],
                         [[x["name"], x["status"], f"{x['seconds']:.1f}",
+                          f"{x['peak_rss_mb'] / 1e3:.2f}" if x.get("peak_rss_mb") else "",
                           _fmt(x["numbers"]) if not x.get("error")
                           else x["error"][:120]] for x in rows]))
 

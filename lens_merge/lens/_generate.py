@@ -1,13 +1,19 @@
 """Eval's measuring pass: one model, the delta's blocks twice, every block below them shared.
 
-Base and Lens differ only in the blocks the delta changes (the top K). Per batch of prompts:
+Base, Lens and steering differ only from the lowest block the delta changes (N-K) up. Per batch
+of prompts:
 
 1. prefill: every prompt token but the last goes once through the base model into a KV cache,
-   and the inputs of the top K blocks are kept; the Lens copies of those blocks run on the same
-   inputs, so the Lens cache is the base's bottom entries (shared tensors) plus its own top K;
-2. per branch (base, then Lens with its blocks swapped into the block list) ``generate``
-   continues from that cache: its first step takes the last prompt token, and hooks keep that
-   step's final-norm state and logits (no ``output_hidden_states``, no per-step logits kept).
+   and the inputs of the top K blocks are kept (``_batch.Prefix``); another branch's cache is the
+   base's bottom entries (shared tensors) plus its own top K, run on the same inputs: through
+   the Lens copies of the blocks (Lens), or through the base blocks with a per-row vector added
+   to the input of block N-K (steering);
+2. per branch (``Branch``) ``generate`` continues from that cache: its first step takes the
+   last prompt token, and hooks keep that step's final-norm state and logits (no
+   ``output_hidden_states``, no per-step logits kept); a steered branch adds its vector to the
+   input of block N-K at every step too. The first step's logits are reduced at once to the
+   probability mass on the row's language's indicative tokens; only the English rows' logits
+   are kept whole (for KL).
 
 Batches hold prompts of similar token length (sorted across languages, results put back in
 order), as many rows as a memory budget allows for their KV caches, logits and prefill.
@@ -16,12 +22,22 @@ order), as many rows as a memory budget allows for their KV caches, logits and p
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lens_merge.errors import DeltaError
+from lens_merge.lens._batch import (  # noqa: F401  (batch sizing re-exported: eval's API)
+    FALLBACK_BUDGET,
+    Prefix,
+    Tap,
+    default_budget,
+    plan_batches,
+    row_bytes,
+    run_branch,
+    steered,
+)
 from lens_merge.lens.hidden import encode
 from lens_merge.progress import NULL, Progress
 
@@ -32,7 +48,6 @@ if TYPE_CHECKING:
     from lens_merge.data import PromptSet
     from lens_merge.weights.delta import LensDelta
 
-FALLBACK_BUDGET = 2 << 30  # bytes, when the machine's free memory cannot be read
 
 
 @dataclass
@@ -42,6 +57,31 @@ class Measured:
     states: dict[str, Any]  # language -> [n, d] fp32 final last-token states
     logits: Any  # [n_en, V] fp32 next-token logits of the English (first-language) prompts
     replies: dict[str, list[str]]  # language -> greedy replies (empty without generation)
+    # language -> [n] fp64 first-reply-position mass on its indicative tokens (languages given
+    # token ids only)
+    mass: dict[str, Any] = field(default_factory=dict)
+    # language -> greedy reply token ids, cut at the first end-of-sequence or pad token
+    reply_ids: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One way of running the prompts: the base, the Lens blocks swapped in, or steering.
+
+    ``steer``: language -> [d] vector added to the input of block ``LensBlocks.first`` at every
+    position of that language's rows (rows of other languages are run unsteered);
+    ``new_tokens``: greedy reply tokens (None: ``measure``'s ``max_new_tokens``; 0: only the
+    first reply position's state and logits).
+    """
+
+    label: str
+    lens: bool = False
+    steer: dict[str, Any] | None = None
+    new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lens and self.steer is not None:
+            raise ValueError(f"branch {self.label!r}: steering runs on the base blocks, not Lens")
 
 
 class LensBlocks:
@@ -106,211 +146,168 @@ class LensBlocks:
                 layers[bid] = block
 
 
-class _Tap:
-    """Hooks keeping the first call's last-position final-norm state and logits."""
+def _shift(branch: Branch, langs: list[str], d: int, device):
+    """The [B, 1, d] vectors a steered branch adds for rows of languages ``langs``; None."""
+    import torch
 
-    def __init__(self, model, norm) -> None:
-        self.state = self.logits = None
-        self._handles = [norm.register_forward_hook(self._on_norm),
-                         model.register_forward_hook(self._on_model)]
-
-    def reset(self) -> None:
-        self.state = self.logits = None
-
-    def _on_norm(self, module, args, out) -> None:
-        if self.state is None:
-            h = out[0] if isinstance(out, tuple) else out
-            self.state = h[:, -1].float().cpu().clone()
-
-    def _on_model(self, module, args, out) -> None:
-        if self.logits is None:
-            self.logits = out.logits[:, -1].float().cpu().clone()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-def row_bytes(config, dtype_bytes: int, prompt_len: int, new_tokens: int) -> int:
-    """Working memory of one prompt row: KV caches of both branches, logits, prefill peaks.
-
-    Args:
-        config: the model's transformers config.
-        dtype_bytes: bytes per element of the model's dtype.
-        prompt_len: prompt tokens of the row (its batch's padded length).
-        new_tokens: tokens generated per row.
-
-    Returns:
-        Bytes, an upper estimate (KV for every layer, eager attention scores in fp32).
-    """
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
-    kv = c.num_hidden_layers * kv_heads * head_dim * 2 * dtype_bytes * (prompt_len + new_tokens)
-    logits = c.vocab_size * 4 * 4  # step logits, processed scores and their fp32 copies
-    prefill = prompt_len * (3 * heads * prompt_len * 4 + (3 * inter + 8 * c.hidden_size)
-                            * dtype_bytes)
-    return 2 * kv + logits + prefill
-
-
-def plan_batches(lengths: list[int], cost: Callable[[int], int], budget: int,
-                 cap: int) -> list[list[int]]:
-    """Rows grouped by length: ascending, each batch within ``budget`` and ``cap`` rows.
-
-    Args:
-        lengths: token length of each row.
-        cost: bytes per row for a batch padded to a given length.
-        budget: bytes a batch may take; a row over it alone still gets a batch of one.
-        cap: most rows per batch.
-
-    Returns:
-        Row indices per batch; together a permutation of ``range(len(lengths))``.
-    """
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
-        if cur and (len(cur) + 1 > cap or (len(cur) + 1) * cost(lengths[i]) > budget):
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
-def default_budget(device) -> int:
-    """Bytes for eval's batches: half the free GPU memory, or a quarter of available RAM.
-
-    Rounded down to a power of two, so the batches (and the report's last digits) do not move
-    with small changes in free memory from one run to the next.
-    """
-    from lens_merge.plan.machine import device_available
-
-    kind = getattr(device, "type", str(device))
-    free = (device_available(str(device)) or 0) // (2 if kind == "cuda" else 4)
-    return 1 << (free.bit_length() - 1) if free > 0 else FALLBACK_BUDGET
-
-
-def _prefill(model, blocks: LensBlocks, ids, mask, pos):
-    """KV caches of base and Lens for ``ids`` (the prompts minus their last token)."""
-    from transformers import DynamicCache
-
-    base = DynamicCache(config=model.config)
-    seen: dict[int, tuple] = {}
-
-    def grab(bid: int):
-        def hook(module, args, kwargs):
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            seen[bid] = (args[0] if args else kwargs["hidden_states"], args[1:], rest)
-            return None
-        return hook
-
-    handles = [blocks.layers[bid].register_forward_pre_hook(grab(bid), with_kwargs=True)
-               for bid in range(blocks.first, blocks.n)]
-    try:
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=base,
-              use_cache=True, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    lens = DynamicCache(config=model.config)
-    bottom = [copy.copy(layer) for layer in base.layers[:blocks.first]]  # same tensors
-    lens.layers[:len(bottom)] = bottom
-    h = seen[blocks.first][0]
-    for bid in range(blocks.first, blocks.n):
-        _, rest, kwargs = seen[bid]
-        kwargs = {k: (lens if v is base else v) for k, v in kwargs.items()}
-        out = blocks.block(bid, lens=True)(h, *rest, **kwargs)
-        h = out[0] if isinstance(out, tuple) else out
-    seen.clear()
-    return base, lens
-
-
-def _generation_config(model):
-    """The model's generation config, without a cache implementation (we pass the cache)."""
-    gc = model.generation_config
-    if getattr(gc, "cache_implementation", None) is None:
+    if branch.steer is None:
         return None
-    gc = copy.deepcopy(gc)
-    gc.cache_implementation = None
-    return gc
+    zero = torch.zeros(d)
+    return torch.stack([branch.steer.get(lang, zero).float().cpu()
+                        for lang in langs])[:, None].to(device)
 
 
-def _branch(model, tok, tap: _Tap, enc: dict, cache, max_new_tokens: int):
-    """One branch's last-token state, logits and greedy replies, continuing ``cache``."""
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    tap.reset()
-    if max_new_tokens > 0:
-        kwargs = {} if cache is None else {"past_key_values": cache}
-        gc = _generation_config(model)
-        if gc is not None and cache is not None:
-            kwargs["generation_config"] = gc
-        seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id, **kwargs)
-        replies = tok.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)
-    else:
-        last = slice(-1, None) if cache is not None else slice(None)
-        model(input_ids=ids[:, last], attention_mask=mask,
-              position_ids=enc["position_ids"][:, last], past_key_values=cache,
-              use_cache=cache is not None, logits_to_keep=1)
-        replies = []
-    return tap.state, tap.logits, replies
+def _keep(out: dict, rows: list[int], langs: list[str], res: tuple,
+          token_ids: dict[str, list[int]] | None, keep_logits: str | None) -> None:
+    """Put one batch's results of a branch into ``out`` at its rows; the first-token mass
+    computed here, per language, from the batch's logits (no [n_all, V] tensor is held)."""
+    from lens_merge.lens.fidelity import first_token_mass
+
+    s, lg, replies, ids = res
+    for lang in set(langs) & set(token_ids or {}):
+        at = [j for j, x in enumerate(langs) if x == lang]
+        for j, v in zip(at, first_token_mass(lg[at], token_ids[lang]).tolist(), strict=True):
+            out["mass"][rows[j]] = v
+    for j, i in enumerate(rows):
+        out["state"][i] = s[j]
+        if langs[j] == keep_logits:
+            out["logits"][i] = lg[j].clone()  # not a view of the [B, V] logits
+        out["reply"][i] = replies[j] if replies else ""
+        out["ids"][i] = ids[j] if ids else ()
+
+
+class Runner:
+    """Prompts encoded and planned into length-sorted batches, run branch by branch.
+
+    With ``keep`` every batch's ``Prefix`` (bottom KV cache and top-block inputs) is held
+    between ``run`` calls, so later branches skip the prefill: for a few rows run many times
+    (steering's alpha choice); without it each batch's prefix lives for one ``run`` call.
+
+    Args:
+        items: the rows, each a language code and its prompt text.
+        new_tokens: the most reply tokens any branch will generate (for the batch plan).
+        keep: hold the prefixes between calls.
+        Others as ``measure``.
+    """
+
+    def __init__(self, model, tok, blocks: LensBlocks, items: list[tuple[str, str]],
+                 max_length: int, batch_size: int, chat_template: bool, budget: int,
+                 new_tokens: int, keep: bool = False) -> None:
+        self.model, self.tok, self.blocks, self.items, self.keep = model, tok, blocks, items, keep
+        enc = encode(tok, [text for _, text in items], max_length, chat_template)
+        self.enc, self.lengths = enc, [int(n) for n in enc["attention_mask"].sum(-1)]
+        dtype_bytes = next(model.parameters()).element_size()
+        self.plan = plan_batches(self.lengths, lambda n: row_bytes(
+            model.config, dtype_bytes, n, new_tokens), budget, batch_size)
+        self._prefix: dict[int, Prefix | None] = {}
+
+    def _batch(self, k: int, rows: list[int]) -> tuple[dict, Prefix | None]:
+        n = max(self.lengths[i] for i in rows)
+        mask = self.enc["attention_mask"][rows, -n:]
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate
+        enc = {key: v.to(self.model.device) for key, v in (
+            ("input_ids", self.enc["input_ids"][rows, -n:]), ("attention_mask", mask),
+            ("position_ids", pos))}
+        prefix = self._prefix.get(k)
+        if prefix is None and n > 1:
+            prefix = Prefix(self.model, self.blocks, enc["input_ids"][:, :-1],
+                            enc["attention_mask"][:, :-1], enc["position_ids"][:, :-1])
+            if self.keep:
+                self._prefix[k] = prefix
+        return enc, prefix
+
+    def run(self, branches: list[Branch], max_new_tokens: int,
+            token_ids: dict[str, list[int]] | None = None, keep_logits: str | None = None,
+            progress: Progress = NULL, what: str = "eval",
+            wanted: set[int] | None = None) -> dict[str, dict]:
+        """Every branch over the rows, sharing each batch's bottom prefill.
+
+        Args:
+            branches: what to run; their labels are the result's keys.
+            max_new_tokens: reply tokens of a branch without its own ``new_tokens``.
+            token_ids: language -> indicative token ids (``fidelity.indicative_tokens``): each
+                row's first-reply-position mass on its language's ids (others get NaN).
+            keep_logits: the language whose rows keep their whole next-token logits.
+            wanted: row indices that matter; batches without one are skipped (None: all).
+
+        Returns:
+            ``{label: {"state", "logits", "reply", "ids", "mass"}}``: per-row lists
+            (``logits``: {row: [V]} of ``keep_logits`` rows).
+        """
+        import torch
+
+        model, blocks, n_all = self.model, self.blocks, len(self.items)
+        got = {b.label: {"state": [None] * n_all, "logits": {}, "reply": [""] * n_all,
+                         "ids": [()] * n_all, "mass": [float("nan")] * n_all}
+               for b in branches}
+        tap = Tap(model, model.get_submodule(blocks.arch.final_norm.rpartition(".")[0]))
+        d = model.config.get_text_config().hidden_size
+        try:
+            with torch.inference_mode(), progress.task(what, total=n_all) as task:
+                for k, rows in enumerate(self.plan):
+                    if wanted is not None and not wanted.intersection(rows):
+                        continue
+                    enc, prefix = self._batch(k, rows)
+                    langs = [self.items[i][0] for i in rows]
+                    for b in branches:
+                        shift = _shift(b, langs, d, model.device)
+                        cache = None
+                        if prefix is not None:
+                            plain = b.label == "base" and not b.lens and shift is None
+                            cache = prefix.take_base() if plain and not self.keep else None
+                            cache = cache if cache is not None else prefix.cache(b.lens, shift)
+                        with (blocks.swapped() if b.lens else nullcontext(),
+                              steered(blocks.layers[blocks.first], shift)):
+                            res = run_branch(model, self.tok, tap, enc, cache, max_new_tokens
+                                             if b.new_tokens is None else b.new_tokens)
+                        del cache
+                        _keep(got[b.label], rows, langs, res, token_ids, keep_logits)
+                    task.advance(len(rows))
+        finally:
+            tap.close()
+        return got
 
 
 def measure(model, tok, blocks: LensBlocks, prompts: PromptSet, max_length: int,
             batch_size: int, max_new_tokens: int, chat_template: bool, budget: int,
-            progress: Progress = NULL) -> tuple[Measured, Measured, int]:
-    """Base and Lens measurements of every prompt, sharing the blocks below the delta's.
+            progress: Progress = NULL, token_ids: dict[str, list[int]] | None = None,
+            steer: dict[str, Any] | None = None) -> tuple[dict[str, Measured], int]:
+    """Base, Lens (and steering) measurements of every prompt, sharing the blocks below N-K.
+
+    Args:
+        model, tok, blocks: the base model, its tokenizer and the Lens copies of its blocks.
+        prompts: held-out prompts (English first).
+        max_length, chat_template: prompt encoding (``lens_merge.lens.hidden.encode``).
+        batch_size: most rows per batch; budget: bytes a batch may take (``row_bytes``).
+        max_new_tokens: greedy reply tokens; 0 measures the first reply position only.
+        token_ids: language -> indicative token ids for the first-token mass.
+        steer: language -> [d] vector (alpha already applied) for a third branch, ``steer``:
+            the base blocks with the vector added to block N-K's input for that language's
+            rows (other rows, English among them, unsteered).
 
     Returns:
-        ``(base, lens, n_batches)``.
+        ``({"base": .., "lens": .., ["steer": ..]}, n_batches)``.
     """
     import torch
 
     langs = list(prompts.languages)
     items = [(lang, text) for lang in langs for text in prompts.texts(lang)]
-    enc_all = encode(tok, [text for _, text in items], max_length, chat_template)
-    lengths = [int(n) for n in enc_all["attention_mask"].sum(-1)]
-    dtype_bytes = next(model.parameters()).element_size()
-    plan = plan_batches(lengths, lambda n: row_bytes(model.config, dtype_bytes, n,
-                                                     max_new_tokens), budget, batch_size)
-    # per branch, per row in prompt order: state, English logits, reply
-    got = {label: ([None] * len(items), {}, [""] * len(items)) for label in ("base", "lens")}
-    tap = _Tap(model, model.get_submodule(blocks.arch.final_norm.rpartition(".")[0]))
-    try:
-        with torch.inference_mode(), progress.task("eval base+lens", total=len(items)) as task:
-            for rows in plan:
-                n = max(lengths[i] for i in rows)
-                mask = enc_all["attention_mask"][rows, -n:]
-                pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate
-                enc = {k: v.to(model.device) for k, v in (
-                    ("input_ids", enc_all["input_ids"][rows, -n:]), ("attention_mask", mask),
-                    ("position_ids", pos))}
-                caches = (_prefill(model, blocks, enc["input_ids"][:, :-1],
-                                   enc["attention_mask"][:, :-1], enc["position_ids"][:, :-1])
-                          if n > 1 else (None, None))
-                for b, label in enumerate(("base", "lens")):
-                    with blocks.swapped() if label == "lens" else nullcontext():
-                        s, lg, replies = _branch(model, tok, tap, enc, caches[b], max_new_tokens)
-                    caches = (None, caches[1])  # the base cache is done with
-                    z, first, rep = got[label]
-                    for j, i in enumerate(rows):
-                        z[i] = s[j]
-                        if items[i][0] == langs[0]:
-                            first[i] = lg[j].clone()  # not a view of the [B, V] logits
-                        rep[i] = replies[j] if replies else ""
-                task.advance(len(rows))
-    finally:
-        tap.close()
+    branches = [Branch("base"), Branch("lens", lens=True)]
+    if steer is not None:
+        branches.append(Branch("steer", steer=steer))
+    runner = Runner(model, tok, blocks, items, max_length, batch_size, chat_template, budget,
+                    max_new_tokens)
+    got = runner.run(branches, max_new_tokens, token_ids, langs[0], progress,
+                     "eval " + "+".join(b.label for b in branches))
+    of = {lang: [i for i, it in enumerate(items) if it[0] == lang] for lang in langs}
 
-    def gather(label: str) -> Measured:
-        z, first, rep = got[label]
-        of = {lang: [i for i, it in enumerate(items) if it[0] == lang] for lang in langs}
-        return Measured({lang: torch.stack([z[i] for i in of[lang]]) for lang in langs},
-                        torch.stack([first[i] for i in sorted(first)]),
-                        {lang: [rep[i] for i in of[lang]] if max_new_tokens > 0 else []
-                         for lang in langs})
+    def gather(g: dict) -> Measured:
+        keep = max_new_tokens > 0
+        return Measured({lang: torch.stack([g["state"][i] for i in of[lang]]) for lang in langs},
+                        torch.stack([g["logits"][i] for i in sorted(g["logits"])]),
+                        {lang: [g["reply"][i] for i in of[lang]] if keep else [] for lang in langs},
+                        {lang: torch.tensor([g["mass"][i] for i in of[lang]], dtype=torch.float64)
+                         for lang in langs if lang in (token_ids or {})},
+                        {lang: [g["ids"][i] for i in of[lang]] if keep else [] for lang in langs})
 
-    return gather("base"), gather("lens"), len(plan)
+    return {label: gather(g) for label, g in got.items()}, len(runner.plan)

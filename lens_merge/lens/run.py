@@ -108,22 +108,34 @@ def run_train(recipe: Recipe, subspace: Subspace, work_dir: str | Path,
 
 def run_eval(recipe: Recipe, delta: LensDelta, subspace: Subspace, out_dir: str | Path,
              progress: Progress = NULL) -> dict:
-    """Evaluate base vs base+delta on held-out prompts; writes the report files into out_dir."""
+    """Evaluate base vs base+delta (and the steering baseline, ``eval.steering``) on held-out
+    prompts; writes the report files into out_dir.
+
+    The training prompts give the indicative tokens of the first-token mass and the rows
+    steering's alphas are chosen on (never the held-out rows).
+    """
     from lens_merge.models import resolve_model
 
     model_dir = resolve_model(recipe.base, progress=True)
-    prompts = load_prompts(recipe.data.eval, delta.languages or recipe.languages,
-                           split="heldout", max_samples=recipe.data.max_eval_samples)
+    langs = delta.languages or recipe.languages
+    prompts = load_prompts(recipe.data.eval, langs, split="heldout",
+                           max_samples=recipe.data.max_eval_samples)
+    train_prompts = load_prompts(recipe.data.train, langs, split="train",
+                                 max_samples=recipe.data.max_train_samples)
+    ev = recipe.eval
     result: EvalResult = evaluate(model_dir, delta, subspace, prompts,
                                   max_length=recipe.data.max_length,
-                                  batch_size=recipe.eval.batch_size,
-                                  max_new_tokens=recipe.eval.max_new_tokens,
+                                  batch_size=ev.batch_size,
+                                  max_new_tokens=ev.max_new_tokens,
                                   chat_template=recipe.probe.chat_template,
-                                  max_memory=recipe.eval.max_memory,
+                                  max_memory=ev.max_memory,
                                   # the model in the training dtype (bf16 for the 8B recipes:
                                   # what the memory plan assumes), on the recipe's device
                                   dtype=recipe.train.dtype, device=recipe.device,
-                                  progress=progress)
+                                  progress=progress, train_prompts=train_prompts,
+                                  steering=ev.steering, steering_alphas=ev.steering_alphas,
+                                  steering_rows=ev.steering_rows,
+                                  steering_tokens=ev.steering_tokens)
     write_report(result, out_dir)
     return result.report
 

@@ -19,12 +19,16 @@ Stages (what the code holds at its peak; see each function):
   (``lens_merge.lens.stream``): the larger of the embeddings and one block, the
   states of every prompt [rows*L, T, d] in sf, one batch's working memory inside a block,
   the probe's pooled states of every layer [N, rows*L, d] fp32; when it builds the cache,
-  the fp32 copy of the stream entering block N-K and the reference states [rows, L+1, d].
+  the fp32 copy of the stream entering block N-K, the reference states [rows, L+1, d] and the
+  base's English next-token log-probabilities [rows, V] fp32 (the head, [V, d] in sf, is read
+  after the blocks are freed, so it stays under the pass's peak).
 - ``train``: the top K blocks only, fp32 master weights: per trained parameter 4 (weights)
   + 4 (grads) + 8 (AdamW m, v) + 2 under bf16 autocast (its bf16 weight copies); the
   activations of a step (batch_size*L rows of T tokens) kept for backward in every trained
-  block plus one block's worth of gradients; on the host the base copy and the delta of the
-  trained tensors (fp32; plus the trained weights copied off a GPU) and the cache.
+  block plus one block's worth of gradients; the frozen head [V, d] in st and the English
+  rows' next-token log-probabilities for the KL term (``train.lambda_kl`` > 0; counted unless
+  the workload says it is off); on the host the base copy and the delta of the trained
+  tensors (fp32; plus the trained weights copied off a GPU) and the cache.
 - ``eval``: one model in se + the Lens copies of the top K blocks + the fp32 delta, and a
   generation batch (``lens_merge.lens._generate``): per row two KV caches (base and Lens)
   of N blocks for T+G positions, logits, the prefill's attention scores and MLP; the batch is
@@ -79,6 +83,7 @@ class Workload:
     eval_rows: int
     train_dtype: str = "fp32"
     train_batch: int = 1
+    train_kl: bool = True  # the trainer holds the frozen head (train.lambda_kl > 0)
     cache_batch: int = 16
     probe_batch: int = 16
     eval_batch: int = 48
@@ -132,10 +137,11 @@ def token_train_bytes(m: ModelShape, T: int, st: int) -> int:
 
 
 def cache_bytes(m: ModelShape, w: Workload) -> int:
-    """Training cache on disk: the fp32 stream entering block N-K [rows*L, T, d] and the
-    reference states (last token per language [rows, L, d], English mean [rows, d])."""
+    """Training cache on disk: the fp32 stream entering block N-K [rows*L, T, d], the
+    reference states (last token per language [rows, L, d], English mean [rows, d]) and the
+    base's English next-token log-probabilities [rows, V] fp32."""
     stream = w.train_rows * w.languages * w.max_length * m.d * 4
-    return stream + w.train_rows * (w.languages + 1) * m.d * 4
+    return stream + w.train_rows * ((w.languages + 1) * m.d + m.vocab) * 4
 
 
 def frozen_pass(m: ModelShape, w: Workload, rows: int, batch: int, pooled_rows: int,
@@ -175,9 +181,14 @@ def train_need(m: ModelShape, w: Workload, gpu: bool) -> Need:
                 + (", bf16 copies)" if st < 4 else ")")] = n * per_param + m.d * 4
     need.device["~activations kept for backward"] = \
         rows * T * (w.top_k + 1) * token_train_bytes(m, T, st) + rows * T * m.d * 4
+    if w.train_kl:  # the English rows' logits, log-probs, their grads and the base's, fp32
+        need.device["frozen head [V, d] (KL term)"] = m.vocab * m.d * st
+        need.device["~English next-token log-probs (KL term)"] = w.train_batch * m.vocab * 4 * 5
     side = need.host if gpu else need.device
     if gpu:
         side["~process"] = CUDA_HOST_BASE
+        if w.train_kl:
+            side["one tensor read (head)"] = m.vocab * m.d * (m.dtype_bytes + st)
     side["base copy + delta of the top K blocks, fp32" + (" + trained copy" if gpu else "")] \
         = n * (12 if gpu else 8)
     side["training cache"] = need.disk
@@ -272,7 +283,10 @@ def onnx_need(m: ModelShape, w: Workload) -> Need:
     so = 2 if w.onnx_dtype == "fp16" else 4
     need = Need(note="optimum loads and traces the whole model")
     need.device["~process"] = CPU_BASE
-    export = 3 * m.params * so
+    # torch's TorchScript exporter (under optimum) holds the model, the constant-folded copy of
+    # the weights, the serialized graph and Python's copy of it: measured 3.19 GB peak for
+    # SmolLM2-135M in fp32 (0.54 GB of weights) = the process + 4.75x the weights
+    export = 5 * m.params * so
     verify = m.params * (4 + so + (1 if w.onnx_quantize else 0)) if w.onnx_verify else 0
     need.device["~max(export: 3 copies; verify: PyTorch + ONNX Runtime)"] = max(export, verify)
     return need

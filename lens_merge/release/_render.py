@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from pathlib import Path
 from typing import Any
 
-_SUMMARY_ROWS = (
-    ("agnostic_cosine", "Cosine to the English parallel, language-specific part removed", "up"),
-    ("agnostic_gap", "Gap to English along the language-agnostic direction", "down"),
-    ("own_direction", "Projection on the language's own direction", "up"),
-    ("fidelity", "Replies in the prompt's language (target languages)", "up"),
-    ("english_fidelity", "English replies in English", "up"),
-)
+from lens_merge.release._results import fmt, results
+
 _FALLBACK_PROMPT = "Explain in two sentences why the sky is blue."
-
-
-def fmt(x: Any, pct: bool = False) -> str:
-    """A number for a table: ``n/a`` for None/NaN, percent or 4 significant digits."""
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if not isinstance(x, int | float):
-        return str(x)
-    if isinstance(x, float) and math.isnan(x):
-        return "n/a"
-    if pct:
-        return f"{100 * x:.1f}%"
-    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1):
-        return str(int(x))
-    return f"{x:.3g}" if abs(x) < 1e-3 and x != 0 else f"{x:.4f}"
 
 
 def _size(n: int) -> str:
@@ -102,47 +79,6 @@ def _changes(info: dict) -> list[str]:
     if fl:
         lines.append("- **Final losses**: " + ", ".join(f"{k} {fmt(v)}" for k, v in fl.items()))
     return lines + [""]
-
-
-def _results(info: dict) -> list[str]:
-    rep = info["report"]
-    lines = ["## Results", ""]
-    if not rep:
-        return lines + ["No evaluation report (`report/lens_report.json`) in this release.", ""]
-    s = rep.get("summary") or {}
-    lines += [f"Held-out prompts: {rep.get('n_prompts', '?')} per language from "
-              f"`{rep.get('source', '?')}`; greedy replies of {rep.get('max_new_tokens', '?')} "
-              "tokens. Base model vs this model (`report/lens_report.json`).", "",
-              "| Metric | Base | Lens | Better |", "|---|---|---|---|"]
-    for key, label, better in _SUMMARY_ROWS:
-        v = s.get(key)
-        if isinstance(v, dict):
-            pct = "fidelity" in key
-            lines.append(f"| {label} | {fmt(v.get('base'), pct)} | {fmt(v.get('lens'), pct)} "
-                         f"| {'higher' if better == 'up' else 'lower'} |")
-    for key, label in (("english_kl", "English next-token KL(base ‖ Lens), mean"),
-                       ("english_kl_max", "English next-token KL, max"),
-                       ("english_top1_agreement", "English top-1 agreement with the base")):
-        if key in s:
-            pct = key.endswith("agreement")
-            lines.append(f"| {label} | | {fmt(s[key], pct)} | "
-                         f"{'higher' if pct else 'lower'} |")
-    per = rep.get("per_language") or {}
-    if per:
-        lines += ["", "| Language | Fidelity base | Fidelity Lens | Agnostic cos base "
-                  "| Agnostic cos Lens | Own direction base | Own direction Lens |",
-                  "|---|---|---|---|---|---|---|"]
-        for lang, r in per.items():
-            lines.append(f"| `{lang}` | {fmt(r.get('fidelity_base'), True)} | "
-                         f"{fmt(r.get('fidelity_lens'), True)} | "
-                         f"{fmt(r.get('agnostic_cosine_base'))} | "
-                         f"{fmt(r.get('agnostic_cosine_lens'))} | "
-                         f"{fmt(r.get('own_direction_base'))} | "
-                         f"{fmt(r.get('own_direction_lens'))} |")
-    lines.append("")
-    if info["pictures"].get("report/losses.png"):
-        lines += ["![Lens training loss terms per optimizer step](report/losses.png)", ""]
-    return lines
 
 
 def _parity(info: dict) -> list[str]:
@@ -219,7 +155,7 @@ def _usage(info: dict) -> list[str]:
 
 
 def _encode_lines(prompt: str, chat_template: bool) -> list[str]:
-    """The snippet lines that turn the prompt into ``inputs`` (chat template when the model has one)."""
+    """Snippet lines that turn the prompt into ``inputs`` (with the chat template if any)."""
     text = json.dumps(prompt, ensure_ascii=False)
     if chat_template:
         return [f"messages = [{{\"role\": \"user\", \"content\": {text}}}]",
@@ -316,6 +252,6 @@ def _provenance(info: dict) -> list[str]:
 
 def body(info: dict[str, Any]) -> str:
     """The card's markdown body (everything below the front matter)."""
-    parts = (_intro(info) + _changes(info) + _results(info) + _parity(info) + _usage(info)
+    parts = (_intro(info) + _changes(info) + results(info) + _parity(info) + _usage(info)
              + _provenance(info))
     return "\n".join(parts).rstrip() + "\n"

@@ -208,7 +208,33 @@ def gather(release_dir: Path, recipe: dict | None = None,
         "chat_template": _chat_template(root / "model"), "adapters": _adapters(root / "adapters"),
         "cv_effect": read_json(root / ReleaseLayout(root=root).cv_effect),
         "fold_meta": read_json(root / "model" / "lens_merge.json"),
+        "bench": read_bench_report(root),
     }
+
+
+def read_bench_report(release_dir: Path):
+    """The release's ``report/bench.json`` as a ``BenchReport``, or None when absent.
+
+    Raises:
+        PublishError: when the file is there but is not a valid bench report.
+    """
+    from lens_merge.bench.record import read_bench
+
+    p = ReleaseLayout(root=Path(release_dir)).path("bench_report")
+    if not p.is_file():
+        return None
+    try:
+        return read_bench(p)
+    except RecordError as exc:
+        raise PublishError(str(exc)) from None
+
+
+def bench_section(info: dict[str, Any]) -> list[str]:
+    """The card's ``## Benchmarks`` lines (base vs Lens per task and metric); [] without
+    ``report/bench.json``."""
+    from lens_merge.bench.summary import markdown
+
+    return markdown(info.get("bench"))
 
 
 def card_metadata(info: dict[str, Any]):
@@ -220,10 +246,17 @@ def card_metadata(info: dict[str, Any]):
         tags.append("gguf")
     if info["onnx_file"]:
         tags.append("onnx")
+    bench = {}
+    if info.get("bench") is not None:
+        from lens_merge.bench.summary import eval_results
+
+        results = eval_results(info["bench"])
+        if results:  # model-index: the Lens model's lm-eval scores
+            bench = {"eval_results": results, "model_name": info["name"]}
     return ModelCardData(
         base_model=info["base"]["base_model"], base_model_relation="finetune",
         language=info["languages"], license=info["base"]["license"],
-        library_name="transformers", pipeline_tag="text-generation", tags=tags,
+        library_name="transformers", pipeline_tag="text-generation", tags=tags, **bench,
     )
 
 
@@ -251,7 +284,10 @@ def write_card(release_dir: str | Path, recipe: dict | None = None, *,
     info = gather(root, recipe, repo_id)
     info["pictures"] = _draw_pictures(root, progress)
     data = card_metadata(info)
-    text = f"---\n{data.to_yaml()}\n---\n\n{_render.body(info)}"
+    body = _render.body(info)
+    if "## Benchmarks" not in body:  # until _render.body places bench_section itself
+        body += "\n" + "\n".join(bench_section(info))
+    text = f"---\n{data.to_yaml()}\n---\n\n{body.rstrip()}\n"
     text = scrub(text)
     try:
         ModelCard(text)

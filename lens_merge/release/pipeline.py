@@ -26,6 +26,7 @@ from lens_merge.config import Recipe
 from lens_merge.errors import ConfigError
 from lens_merge.files import TEMP_MARK, file_sha256, write_json_atomic, write_text_atomic
 from lens_merge.guard import cleanup_stale_temps
+from lens_merge.memory import peak_rss, release_memory, reset_peak
 from lens_merge.plan import check_plan
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import canonical_hash, now_iso
@@ -98,6 +99,11 @@ def _remove_stale_temps(layout: ReleaseLayout) -> list[Path]:
     return removed
 
 
+def _peak_mb(resettable: bool) -> float | None:
+    """The stage's peak RSS in MB (None where the peak cannot be reset per stage)."""
+    return round(peak_rss() / 1e6, 1) if resettable else None
+
+
 def run_recipe(
     recipe: Recipe,
     force: list[str] | None = None,
@@ -155,6 +161,8 @@ def run_recipe(
             record(StageResult(stage.name, "disabled"))
             continue
         t0 = time.perf_counter()
+        release_memory()  # what earlier stages freed goes back to the system first
+        resettable = reset_peak()
         try:
             in_hash = canonical_hash({"inputs": stage.inputs(ctx), "tool": __version__})
             if stage.name not in force and _up_to_date(stage, ctx, in_hash):
@@ -166,7 +174,7 @@ def run_recipe(
         except Exception as exc:
             state["stages"].setdefault(stage.name, {})["status"] = "failed"
             results.append(StageResult(stage.name, "failed", time.perf_counter() - t0,
-                                       error=str(exc)))
+                                       error=str(exc), peak_rss_mb=_peak_mb(resettable)))
             save_state()
             if on_stage:
                 on_stage(results[-1])
@@ -174,12 +182,13 @@ def run_recipe(
         files = files_under([ctx.p(o) for o in stage.outputs])
         out_hash = canonical_hash({str(f.relative_to(layout.root)): file_sha256(f)
                                    for f in files})
-        secs = time.perf_counter() - t0
+        secs, peak = time.perf_counter() - t0, _peak_mb(resettable)
         state["stages"][stage.name] = {"status": "done", "input_hash": in_hash,
                                        "output_hash": out_hash, "outputs": _stat_fp(files),
                                        "numbers": numbers, "seconds": secs,
+                                       "peak_rss_mb": peak,
                                        "finished": now_iso()}
-        results.append(StageResult(stage.name, "ran", secs, numbers))
+        results.append(StageResult(stage.name, "ran", secs, numbers, peak_rss_mb=peak))
         manifest.record(layout, stage.name, [ctx.p(o) for o in stage.outputs])
         save_state()
         if on_stage:

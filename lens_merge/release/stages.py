@@ -1,5 +1,5 @@
-"""The stages of ``lens-merge run``, each one ``Stage``: probe -> train -> eval -> fold -> verify
--> gguf -> onnx -> card -> push.
+"""The stages of ``lens-merge run``, each one ``Stage``: probe -> train -> eval -> bench -> fold
+-> verify -> gguf -> onnx -> adapters -> card -> push.
 
 A stage names its outputs (``ReleaseLayout`` fields), says what its inputs are (a dict that is
 hashed: when it and the outputs are unchanged, the runner skips the stage) and runs. Stages
@@ -32,6 +32,7 @@ class StageResult:
     seconds: float = 0.0
     numbers: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    peak_rss_mb: float | None = None  # the stage's own peak resident memory (lens_merge.memory)
 
 
 @dataclass
@@ -158,6 +159,28 @@ def _eval_run(ctx: Context) -> dict:
             "en_kl": s["english_kl"]}
 
 
+def _bench_inputs(ctx: Context) -> dict:
+    from lens_merge.bench.run import lm_eval_version
+
+    b = ctx.recipe.bench
+    inc = files_under([Path(b.include_path)] if b.include_path else [])
+    return {"base": base_fingerprint(ctx.recipe.base), "delta": ctx.out_hash("train"),
+            "bench": b.model_dump(), "device": ctx.recipe.device, "lm_eval": lm_eval_version(),
+            "include": {str(f): file_sha256(f) for f in inc}}
+
+
+def _bench_run(ctx: Context) -> dict:
+    from lens_merge.bench.run import run_bench
+
+    b = ctx.recipe.bench
+    rep = run_bench(ctx.recipe.base, ctx.p("delta"), b.tasks, include_path=b.include_path,
+                    limit=b.limit, num_fewshot=b.num_fewshot, batch_size=b.batch_size,
+                    device=ctx.recipe.device, dtype=b.dtype, out=ctx.p("bench_report"),
+                    progress=ctx.progress)
+    return {f"{t}/{m}": f"{s.base:.3f}->{s.lens:.3f}" for t, m, s in rep.rows()[:8]
+            if s.base is not None and s.lens is not None}
+
+
 # ----------------------------------------------------------------------------- weights
 
 def _fold_inputs(ctx: Context) -> dict:
@@ -280,8 +303,8 @@ def _onnx_run(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------- release
 
 def _card_inputs(ctx: Context) -> dict:
-    return {s: ctx.out_hash(s) for s in ("probe", "train", "eval", "fold", "verify", "gguf",
-                                         "onnx", "adapters")} | {"recipe": ctx.recipe.model_dump()}
+    stages = ("probe", "train", "eval", "bench", "fold", "verify", "gguf", "onnx", "adapters")
+    return {s: ctx.out_hash(s) for s in stages} | {"recipe": ctx.recipe.model_dump()}
 
 
 def _card_run(ctx: Context) -> dict:
@@ -309,6 +332,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("probe", ("subspace",), _probe_inputs, _probe_run),
     Stage("train", ("delta_weights", "train_log"), _train_inputs, _train_run),
     Stage("eval", ("eval_report", "mean_states", "delta_meta"), _eval_inputs, _eval_run),
+    Stage("bench", ("bench_report",), _bench_inputs, _bench_run,
+          lambda ctx: bool(ctx.recipe.bench.tasks)),
     Stage("fold", ("model",), _fold_inputs, _fold_run),
     Stage("verify", ("fold_verify",), _verify_inputs, _verify_run,
           lambda ctx: ctx.recipe.fold.verify),

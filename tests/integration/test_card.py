@@ -94,6 +94,70 @@ def test_card_metadata_tables_and_pictures(release):
     assert "cd" * 32 in text and f"name: {NAME}" in text
 
 
+def _report_v2(steering: bool) -> dict:
+    """A format_version 2 report (``lens_merge.lens.evaluate``) on top of the v1 fixture's."""
+    from tests._release import lens_report
+
+    rep = lens_report()
+    bs = ["base", "steer", "lens"] if steering else ["base", "lens"]
+    vals = {"en": (0.9375, 0.875, 0.9375, 0.0), "zh": (0.25, 0.5, 0.625, 0.125),
+            "ja": (0.125, 0.25, 0.375, 0.0625)}  # LPR base, steer, lens; echo
+    for lang, (b, st, ln) in ((k, v[:3]) for k, v in vals.items()):
+        r = rep["per_language"][lang]
+        for br, x in zip(("base", "steer", "lens"), (b, st, ln), strict=True):
+            if br in bs:
+                r |= {f"lpr_{br}": x, f"lpr_ci_{br}": [x / 2, (1 + x) / 2],
+                      f"echo_{br}": vals[lang][3], f"first_token_mass_{br}": x / 4}
+    s = rep["summary"]
+    s |= {"lpr": {b: (vals["zh"][i] + vals["ja"][i]) / 2 for i, b in
+                  enumerate(("base", "steer", "lens")) if b in bs},
+          "lpr_ci": {b: [0.1, 0.6] for b in bs}, "echo": {b: 0.09375 for b in bs},
+          "first_token_mass": {b: 0.0625 for b in bs}, "english_top1_agreement_ci": [0.7, 0.99],
+          "english_identical_replies": 0.8125, "english_identical_replies_ci": [0.57, 0.93],
+          "english_lpr": {b: 0.9375 for b in bs}}
+    if steering:
+        s |= {"english_kl_steer": 0.0, "english_top1_agreement_steer": 1.0,
+              "english_identical_replies_steer": 1.0,
+              "steering": {"alpha": {"zh": 4.0, "ja": 2.0}, "layer": 2, "chosen_on": "rows",
+                           "note": "English prompts are not steered."},
+              "steering_vs_lens": {"kl_tolerance": 0.01, "english_kl": {"steer": 0.0,
+                                                                         "lens": 0.0123},
+                                   "matched": False, "better": None,
+                                   "lpr": {"steer": 0.375, "lens": 0.5},
+                                   "first_token_mass": {"steer": 0.0625, "lens": 0.0625}}}
+    return rep | {"format_version": 2, "branches": bs}
+
+
+def test_card_fidelity_tables_from_a_v2_report(release):
+    """Per language LPR with its interval, echo and first-token mass of base / steering / Lens;
+    the English table; the steering vs Lens line from the report's comparison."""
+    from lens_merge.release.card import write_card
+
+    (release / "report" / "lens_report.json").write_text(json.dumps(_report_v2(True)))
+    text = write_card(release).read_text()
+    assert ("| Language | LPR base | LPR steering | LPR Lens | Echo (base / steering / Lens) "
+            "| First-token mass (base / steering / Lens) |") in text
+    assert ("| `zh` | 25.0% (12.5-62.5) | 50.0% (25.0-75.0) | 62.5% (31.2-81.2) "
+            "| 12.5% / 12.5% / 12.5% | 0.0625 / 0.1250 / 0.1562 |") in text
+    assert "| mean (targets) | 18.8% (10.0-60.0) | 37.5% (10.0-60.0) | 50.0% (10.0-60.0) |" \
+        in text
+    assert "| English, vs the base | steering | Lens |" in text
+    assert "| Next-token KL(base ‖ ·), mean | 0.0000 | 0.0123 |" in text
+    assert "| Top-1 agreement | 100.0% | 93.8% (70.0-99.0) |" in text
+    assert "| Greedy replies identical to the base's | 100.0% | 81.2% (57.0-93.0) |" in text
+    assert ("Not comparable at matched English KL (they differ by more than 0.0100 nats) and "
+            "neither is better on both: mean LPR steering 37.5% vs Lens 50.0%") in text
+    assert "alpha `zh` 4, `ja` 2 at block 2" in text
+    # the v1 tables stay; a v2 report without steering has no steering column
+    assert "| `zh` | 25.0% | 75.0% | 0.5123 | 0.6345 | 0.1250 | 0.8750 |" in text
+    (release / "report" / "lens_report.json").write_text(json.dumps(_report_v2(False)))
+    text = write_card(release).read_text()
+    assert "| Language | LPR base | LPR Lens | Echo (base / Lens) |" in text
+    assert "| `ja` | 12.5% (6.2-56.2) | 37.5% (18.8-68.8) | 6.2% / 6.2% | 0.0312 / 0.0938 |" \
+        in text
+    assert "steering" not in text.split("## Results")[1].split("## Parity")[0]
+
+
 def test_card_without_exports(release):
     from huggingface_hub import ModelCard
 

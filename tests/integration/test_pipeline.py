@@ -36,7 +36,8 @@ def test_run_all_stages_then_skip_then_force(tmp_path, tiny_model):
     r = _recipe(tmp_path, tiny_model("llama"))
     first = run_recipe(r, push=False)
     status = {x.name: x.status for x in first}
-    assert status == {"probe": "ran", "train": "ran", "eval": "ran", "fold": "ran",
+    assert status == {"probe": "ran", "train": "ran", "eval": "ran", "bench": "disabled",
+                      "fold": "ran",
                       "verify": "ran", "gguf": "ran", "onnx": "disabled", "adapters": "disabled",
                       "card": "ran",
                       "push": "disabled"}

@@ -54,7 +54,8 @@ def test_formulas_by_hand():
     w = F.Workload(languages=2, max_length=8, top_k=2, train_rows=3, probe_rows=3,
                    shared_pass=True, eval_rows=3, train_batch=1, cache_batch=2)
     # cache: [3 rows * 2 languages, 8, 64] fp32 + reference states [3, 2 + 1, 64] fp32
-    assert F.cache_bytes(m, w) == 3 * 2 * 8 * 64 * 4 + 3 * 3 * 64 * 4 == 14_592
+    # + the base's English next-token log-probs [3, V] fp32
+    assert F.cache_bytes(m, w) == 3 * 2 * 8 * 64 * 4 + 3 * 3 * 64 * 4 + 3 * 2048 * 4 == 39_168
     # per token per block kept for backward: 3d + (H+2Hkv)hd + (H+Hkv)hd + 3H hd + 2HT + 4f
     # = 192 + 128 + 96 + 192 + 64 + 512 = 1184 elements in st, + 3d fp32
     assert F.token_train_bytes(m, 8, 4) == 1184 * 4 + 768
@@ -64,17 +65,24 @@ def test_formulas_by_hand():
         2 * 36_992 * 16 + 64 * 4
     assert t32["~activations kept for backward"] == 2 * 8 * 3 * (1184 * 4 + 768) + 2 * 8 * 64 * 4
     assert t32["base copy + delta of the top K blocks, fp32"] == 2 * 36_992 * 8
-    assert t32["training cache"] == 14_592
+    assert t32["training cache"] == 39_168
+    assert t32["frozen head [V, d] (KL term)"] == 2048 * 64 * 4
+    assert t32["~English next-token log-probs (KL term)"] == 1 * 2048 * 4 * 5
+    off = F.train_need(m, F.Workload(**{**w.__dict__, "train_kl": False}), gpu=False).device
+    assert set(t32) - set(off) == {"frozen head [V, d] (KL term)",
+                                   "~English next-token log-probs (KL term)"}
     bf = F.train_need(m, F.Workload(**{**w.__dict__, "train_dtype": "bf16"}), gpu=True)
     assert bf.device["top K blocks x 18 B/param (fp32 weights, grads, AdamW, bf16 copies)"] \
         == 2 * 36_992 * 18 + 64 * 4
     assert bf.host["base copy + delta of the top K blocks, fp32 + trained copy"] == \
         2 * 36_992 * 12
+    assert bf.device["frozen head [V, d] (KL term)"] == 2048 * 64 * 2
+    assert bf.host["one tensor read (head)"] == 2048 * 64 * (m.dtype_bytes + 2)
     fp = F.frozen_pass(m, w, rows=3, batch=2, pooled_rows=3, cache=True, gpu=False).device
     assert fp["weights: max(embeddings, one block)"] == 2048 * 64 * 4
     assert fp["states of every prompt [rows*L, T, d]"] == 3 * 2 * 8 * 64 * 4
     assert fp["pooled states fp32 [N, rows*L, d]"] == 4 * 3 * 2 * 64 * 4
-    assert fp["training cache (fp32, until saved)"] == 14_592
+    assert fp["training cache (fp32, until saved)"] == 39_168
     v = F.verify_need(m, w).device
     assert v["two models (base + delta, folded)"] == 2 * 279_104 * 4
     assert v["logits of both models [8, 64, V]"] == 2 * 8 * 64 * 2048 * 8
@@ -127,8 +135,17 @@ def test_paper_setup_fits_a_24gb_gpu(monkeypatch):
     assert rows["train"].device_terms[
         "top K blocks x 18 B/param (fp32 weights, grads, AdamW, bf16 copies)"] == \
         2 * 218_112_000 * 18 + 4096 * 4
-    assert rows["cache"].cache_disk == 200 * 7 * 128 * 4096 * 4 + 200 * 8 * 4096 * 4
+    # + the base's English next-token log-probs [200, 128256] fp32 (103 MB, 3.3% of the cache)
+    assert rows["cache"].cache_disk == \
+        200 * 7 * 128 * 4096 * 4 + 200 * 8 * 4096 * 4 + 200 * 128_256 * 4
+    # the paper's losses have no KL term: no head on the device
+    assert "frozen head [V, d] (KL term)" not in rows["train"].device_terms
     assert p.fits is True
+    # with one, the frozen head (bf16): 1.05 GB more, and it still fits
+    kl = plan_recipe(with_overrides(r, {"train.lambda_kl": 1.0}))
+    train = next(s for s in kl.stages if s.name == "train")
+    assert train.device_terms["frozen head [V, d] (KL term)"] == 128_256 * 4096 * 2
+    assert train.fits and train.device_peak - rows["train"].device_peak >= 128_256 * 4096 * 2
 
 
 def test_paper_setup_host_stages_need_more_than_24gb_of_ram(monkeypatch):

@@ -1,8 +1,10 @@
 """The training cache: the residual stream entering block N-K and the reference outputs.
 
 Blocks below N-K are frozen, so their output never changes during training: it is computed
-once, with the reference outputs the losses need. A training step then runs only the top K
-blocks and the final norm, and no second (reference) model is kept in memory. The cache is
+once, with the reference outputs the losses need (the final states at the last token of every
+language, the English masked mean, and the base's next-token log-probabilities at the last
+English token, through the frozen head). A training step then runs only the top K blocks and
+the final norm, and no second (reference) model is kept in memory. The cache is
 keyed by everything that determines it and reused by runs that differ only in loss weights,
 learning rate or schedule.
 """
@@ -27,7 +29,8 @@ Observe = Callable[[str, int, "torch.Tensor", "torch.Tensor"], None]  # (lang, k
 
 @dataclass
 class LensCache:
-    """Per row and language: block-(N-K) input states; reference last/mean states.
+    """Per row and language: block-(N-K) input states; reference last/mean states; the
+    base's English next-token log-probabilities.
 
     In memory, as ``build_cache`` returns it; ``save`` writes it as a cache folder that the
     trainer reads per batch (``lens_merge.lens.train.store.DiskCache``).
@@ -40,6 +43,8 @@ class LensCache:
     ref_mean_en: torch.Tensor              # [n, d] reference masked mean of English states
     meta: dict[str, Any] = field(default_factory=dict)
     rows: list[int] | None = None          # global row ids held (None: 0..n-1)
+    # [n, V] fp32 base log-probabilities at the last English token (None: not computed)
+    ref_logp_en: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.ref_last.shape[0]
@@ -54,7 +59,7 @@ class LensCache:
 
         Returns:
             ``x`` [L*B, T, d], ``mask`` [L*B, T], ``ref_last`` [B, L, d],
-            ``ref_mean_en`` [B, d], ``index`` [B].
+            ``ref_mean_en`` [B, d], ``ref_logp_en`` [B, V] (when held), ``index`` [B].
         """
         import torch
 
@@ -62,8 +67,11 @@ class LensCache:
         at = [pos[i] for i in idx]
         x, mask = pad_batch([self.x[lang][j] for lang in self.languages for j in at])
         ix = torch.tensor(at)
-        return {"x": x, "mask": mask, "ref_last": self.ref_last[ix],
-                "ref_mean_en": self.ref_mean_en[ix], "index": torch.tensor(idx)}
+        out = {"x": x, "mask": mask, "ref_last": self.ref_last[ix],
+               "ref_mean_en": self.ref_mean_en[ix]}
+        if self.ref_logp_en is not None:
+            out["ref_logp_en"] = self.ref_logp_en[ix]
+        return out | {"index": torch.tensor(idx)}
 
     def save(self, path: str | Path) -> None:
         """Write a cache folder with one shard (atomically: it appears whole or not at all).
@@ -117,7 +125,8 @@ def build_cache(
 
     Returns:
         The cache; rows in prompt order (or ``rows``' order), the inputs ``x`` divided by
-        the model's input scale (Gemma multiplies ``inputs_embeds`` by sqrt(hidden) in its forward).
+        the model's input scale (Gemma multiplies ``inputs_embeds`` by sqrt(hidden) in its
+        forward); ``ref_logp_en`` from the head read after the pass, in ``dtype``.
     """
     import torch
     from transformers import AutoConfig
@@ -162,4 +171,25 @@ def build_cache(
     ref_last = torch.stack([torch.cat(last[lang]) for lang in langs], 1)
     return LensCache(langs, first, xs, ref_last, torch.cat(mean_en),
                      {"n_rows": n_rows, "top_k": top_k, "max_length": max_length,
-                      "dtype": dtype or "stored"}, None if rows is None else list(rows))
+                      "dtype": dtype or "stored"}, None if rows is None else list(rows),
+                     reference_log_probs(model_dir, ref_last[:, 0], dtype, device))
+
+
+def reference_log_probs(model_dir: str | Path, z: torch.Tensor, dtype: str | None = "fp32",
+                        device: str = "cpu", chunk: int = 64) -> torch.Tensor:
+    """The base's next-token log-probabilities of final states ``z`` [n, d].
+
+    The head (one tensor, [V, d] in ``dtype``) is read once the blocks are freed; rows go
+    through it ``chunk`` at a time.
+
+    Returns:
+        [n, V] fp32 on the CPU.
+    """
+    import torch
+
+    from lens_merge.lens.train.stack import load_head
+
+    head = load_head(model_dir, dtype, device)
+    with torch.inference_mode():
+        out = [head.log_probs(z[i:i + chunk].to(device)).cpu() for i in range(0, len(z), chunk)]
+    return torch.cat(out)

@@ -21,6 +21,7 @@ from lens_merge.weights.checkpoint import Checkpoint, hash_entry
 from lens_merge.weights.delta import LensDelta
 
 LOG_NAME = "train_log.jsonl"
+SHOWN = ("loss", "retain", "separate", "align", "retain_last", "kl")  # beside the bar
 
 
 @dataclass
@@ -36,13 +37,18 @@ class TrainResult:
 
 def cache_key(model_dir: Path, prompts: PromptSet, cfg: TrainConfig, max_length: int,
               chat_template: bool) -> str:
-    """Everything that determines the cache (not loss weights, lr or schedule)."""
+    """Everything that determines the cache (not loss weights, lr or schedule).
+
+    Key versions: 1 hashed the same fields for caches without the base's English
+    log-probabilities (store format 1); 2 (today) for store format 2. The ``dtype`` field is
+    present only when it is not fp32, so fp32 keys kept the shape of the first version.
+    """
     ck = Checkpoint.open(model_dir)
     return canonical_hash({
         "config": ck.config(), "weights": {n: ck.index[n] for n in sorted(ck.index)},
         "weights_meta": [str(s.stat().st_size) + s.name for s in ck.shards],
         "rows": list(prompts.rows), "languages": list(prompts.languages), "top_k": cfg.top_k,
-        "max_length": max_length, "chat_template": chat_template, "version": 1,
+        "max_length": max_length, "chat_template": chat_template, "version": 2,
         # the frozen pass runs in the training dtype; fp32 keys are those of earlier versions
         **({"dtype": cfg.dtype} if cfg.dtype != "fp32" else {}),
     })
@@ -86,7 +92,7 @@ def train(
     from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from lens_merge.lens.train.stack import load_top_stack
+    from lens_merge.lens.train.stack import load_head, load_top_stack
     from lens_merge.lens.train.store import DiskCache, is_complete
     from lens_merge.models import load_tokenizer
     from lens_merge.weights.blocks import read_tensors, trim_heap
@@ -130,7 +136,10 @@ def train(
     sub = subspace.layer(-1)
     deltas = torch.stack([subspace.delta_of(lang) for lang in prompts.languages[1:]]).float()
     weights = LossWeights(cfg.lambda_retain, cfg.lambda_separate, cfg.lambda_align,
-                          cfg.separate_scale)
+                          cfg.separate_scale, cfg.lambda_retain_last, cfg.lambda_kl,
+                          cfg.align_anchor)
+    # the frozen head (tied: the embedding matrix), in the training dtype, only for the KL
+    head = load_head(model_dir, cfg.dtype, acc.device) if cfg.lambda_kl else None
     g = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(list(range(len(cache))), batch_size=cfg.batch_size,
                                          shuffle=True, generator=g, collate_fn=cache.collate)
@@ -151,7 +160,8 @@ def train(
             for epoch in range(cfg.epochs):
                 for batch in loader:
                     with acc.accumulate(stack):
-                        terms = _step_losses(stack, batch, L, sub, deltas, weights, acc.device)
+                        terms = _step_losses(stack, batch, L, sub, deltas, weights,
+                                             acc.device, head)
                         acc.backward(terms["loss"])
                         if acc.sync_gradients and cfg.max_grad_norm:
                             acc.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -175,8 +185,7 @@ def train(
                         if logf:
                             logf.write(json.dumps(rec) + "\n")
                             logf.flush()
-                        task.advance(1, **{k: last[k] for k in ("loss", "retain", "separate",
-                                                                   "align")})
+                        task.advance(1, **{k: last[k] for k in SHOWN if k in last})
     finally:
         if logf:
             logf.close()
@@ -192,7 +201,9 @@ def train(
             "languages": list(prompts.languages), "top_k": cfg.top_k,
             "blocks": list(range(first, model.config.num_hidden_layers)),
             "loss_weights": {"retain": cfg.lambda_retain, "separate": cfg.lambda_separate,
-                             "align": cfg.lambda_align, "separate_scale": cfg.separate_scale},
+                             "align": cfg.lambda_align, "separate_scale": cfg.separate_scale,
+                             "retain_last": cfg.lambda_retain_last, "kl": cfg.lambda_kl,
+                             "align_anchor": cfg.align_anchor},
             "hyperparameters": cfg.model_dump() | {"max_length": max_length,
                                                    "chat_template": chat_template,
                                                    "optimizer_steps": step,
@@ -270,12 +281,20 @@ def _named(model, names: list[str]) -> dict[str, Any]:
     return {n: params[n] for n in names}
 
 
-def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device):
+def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device,
+                 head=None):
+    """Every loss term of one batch (``lens_losses``); ``head`` (a ``FrozenHead``) gives the
+    KL term, which is absent without it."""
     x = batch["x"].to(device)
     mask = batch["mask"].to(device)
-    B = batch["ref_last"].shape[0]
+    ref_last = batch["ref_last"].to(device)
+    B = ref_last.shape[0]
     h = stack(x, mask)  # [L*B, T, d]
     z = h[:, -1, :].reshape(L, B, -1)
+    kl = {}
+    if head is not None:
+        kl = {"logp_en": head.log_probs(z[0]),
+              "ref_logp_en": batch["ref_logp_en"].to(device)}
     return lens_losses(
         h[:B], mask[:B], z[0], z[1:].transpose(0, 1), batch["ref_mean_en"].to(device),
-        batch["ref_last"][:, 1:].to(device), deltas.to(device), sub, weights)
+        ref_last[:, 1:], deltas.to(device), sub, weights, ref_z_en=ref_last[:, 0], **kl)

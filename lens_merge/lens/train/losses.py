@@ -1,20 +1,30 @@
-"""The three Lens loss terms (lens-method.md section 2), on final hidden states.
+"""The Lens loss terms (lens-method.md section 2), on final hidden states.
 
-All terms are MSE, mean over batch and hidden size:
-- retain:   MSE(masked_mean(H_en^theta), masked_mean(H_en^ref))
-- separate: sum_l MSE(P_s(z_l^theta) - P_s(z_l^ref), w * delta_l)
-- align:    sum_l MSE(P_a(z_en^theta), P_a(z_l^theta))
+All state terms are MSE, mean over batch and hidden size:
+- retain:      MSE(masked_mean(H_en^theta), masked_mean(H_en^ref))
+- separate:    sum_l MSE(P_s(z_l^theta) - P_s(z_l^ref), w * delta_l)
+- align:       sum_l MSE(P_a(a), P_a(z_l^theta)), a = z_en^theta (the paper) or z_en^ref
+               (``align_anchor="reference"``: align then cannot move English)
+- retain_last: MSE(z_en^theta, z_en^ref), the state English replies are generated from
+- kl:          KL(base || lens) of the next-token distribution at the last English prompt
+               token, mean over the batch (nats), through the frozen final norm and head
+
+A term whose weight is 0 is still returned (for the log) but never enters the total, so its
+gradient is not computed: with ``retain_last = kl = 0`` and ``align_anchor="trained"`` the
+total and its gradients are those of the paper's three terms bit for bit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
 
     from lens_merge.lens.probe import LayerSubspace
+
+AlignAnchor = Literal["trained", "reference"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,9 @@ class LossWeights:
     separate: float = 1.0
     align: float = 1.0
     separate_scale: float = 1.0  # w_l, the same for every target language
+    retain_last: float = 0.0
+    kl: float = 0.0
+    align_anchor: AlignAnchor = "trained"
 
 
 def lens_losses(
@@ -35,6 +48,9 @@ def lens_losses(
     deltas: torch.Tensor,
     sub: LayerSubspace,
     w: LossWeights,
+    ref_z_en: torch.Tensor | None = None,
+    logp_en: torch.Tensor | None = None,
+    ref_logp_en: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute every loss term and the weighted total.
 
@@ -48,9 +64,18 @@ def lens_losses(
         deltas: [M, d] delta_l of each target language (last layer).
         sub: the last layer's subspace.
         w: loss weights.
+        ref_z_en: [B, d] reference model's last-token English state; needed for
+            ``retain_last`` and ``align_anchor="reference"`` (None: those terms are absent).
+        logp_en: [B, V] the trained model's next-token log-probabilities at the last English
+            token; with ``ref_logp_en`` (the base's) gives ``kl`` (None: absent).
+        ref_logp_en: [B, V] the base's log-probabilities there.
 
     Returns:
-        dict with ``retain``, ``separate``, ``align`` and ``loss`` (weighted total).
+        dict with ``retain``, ``separate``, ``align``, ``retain_last`` and ``kl`` when their
+        inputs are given, and ``loss`` (the weighted total).
+
+    Raises:
+        ValueError: when a term with a non-zero weight lacks its inputs.
     """
     import torch.nn.functional as F
 
@@ -64,9 +89,28 @@ def lens_losses(
     # sum over languages of per-language MSE (each a mean over batch and d)
     separate = ((moved - target) ** 2).mean(dim=(0, 2)).sum()
 
-    a_en = sub.agnostic(z_en).unsqueeze(1)  # [B, 1, d]
+    if w.align_anchor == "reference":
+        if ref_z_en is None:
+            raise ValueError("align_anchor='reference' needs ref_z_en (the cached English "
+                             "last-token state)")
+        anchor = ref_z_en.float()
+    else:
+        anchor = z_en
+    a_en = sub.agnostic(anchor).unsqueeze(1)  # [B, 1, d]
     a_tgt = sub.agnostic(z_tgt)  # [B, M, d]
     align = ((a_en - a_tgt) ** 2).mean(dim=(0, 2)).sum()
 
     total = w.retain * retain + w.separate * separate + w.align * align
-    return {"loss": total, "retain": retain, "separate": separate, "align": align}
+    out = {"retain": retain, "separate": separate, "align": align}
+    if ref_z_en is not None:
+        out["retain_last"] = F.mse_loss(z_en, ref_z_en.float())
+    if logp_en is not None and ref_logp_en is not None:
+        out["kl"] = F.kl_div(logp_en.float(), ref_logp_en.float(), log_target=True,
+                             reduction="batchmean")
+    for name in ("retain_last", "kl"):
+        weight = getattr(w, name)
+        if weight:
+            if name not in out:
+                raise ValueError(f"loss weight {name}={weight} but its inputs are missing")
+            total = total + weight * out[name]
+    return {"loss": total, **out}

@@ -5,6 +5,10 @@ embedding (no embeddings, no lm_head, no lower blocks) and runs them on the cach
 stream as the model's forward would (``lens_merge.lens.stream.run_blocks``). The modules are
 the model's (no copy), so training the stack trains the model's parameters. ``load_top_stack``
 builds the model on the meta device and materializes only those parts from the shards.
+
+``FrozenHead`` is the frozen lm_head (the embedding matrix when the model ties them), read
+from the shards alone: the next-token log-probabilities of final (normed) states, for the
+cache's reference distribution and the trainer's KL term.
 """
 
 from __future__ import annotations
@@ -88,3 +92,69 @@ def load_top_stack(model_dir: str | Path, top_k: int, dtype: str = "fp32",
     decoder.rotary_emb.to(device)
     scale = input_scale_of(model.config, for_config(model.config.to_dict()))
     return TopStack(model, top_k, scale), model
+
+
+class FrozenHead:
+    """The frozen output head: final states -> next-token log-probabilities.
+
+    Args:
+        weight: [V, d] the lm_head weight (no gradient flows to it).
+        softcap: the model's ``final_logit_softcapping`` (Gemma 2), None when it has none.
+    """
+
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None) -> None:
+        self.weight = weight.detach().requires_grad_(False)
+        self.softcap = softcap
+
+    def to(self, device: str | torch.device) -> FrozenHead:
+        """The head on ``device``."""
+        return FrozenHead(self.weight.to(device), self.softcap)
+
+    def log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """fp32 log-probabilities [B, V] of final states ``z`` [B, d], as the model's forward
+        computes its logits (the head's dtype, then the soft cap)."""
+        logits = torch.nn.functional.linear(z.to(self.weight.dtype), self.weight).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.log_softmax(logits, -1)
+
+
+def head_tensor_name(model_dir: str | Path) -> str:
+    """The checkpoint tensor the output head reads: ``lm_head`` or, when the model ties its
+    embeddings and stores no head, the embedding matrix.
+
+    Raises:
+        ModelError: when the checkpoint holds neither.
+    """
+    from lens_merge.architectures import for_config
+    from lens_merge.errors import ModelError
+    from lens_merge.weights.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(model_dir)
+    config = ck.config()
+    arch = for_config(config)
+    if arch.lm_head in ck.index:
+        return arch.lm_head
+    if config.get("tie_word_embeddings", True) and arch.embed in ck.index:
+        return arch.embed
+    raise ModelError(f"{ck.root}: no {arch.lm_head!r} in the checkpoint and the embeddings "
+                     f"are not tied (tie_word_embeddings false): the KL term needs the head")
+
+
+def load_head(model_dir: str | Path, dtype: str | None = "fp32",
+              device: str | torch.device = "cpu") -> FrozenHead:
+    """Read the output head of a checkpoint (one tensor) for ``FrozenHead``.
+
+    Args:
+        model_dir: the model directory (safetensors weights).
+        dtype: its dtype (``fp32``/``bf16``/``fp16``; None: as stored).
+        device: where it lives.
+    """
+    from lens_merge.models import torch_dtype
+    from lens_merge.weights.blocks import read_tensors
+    from lens_merge.weights.checkpoint import Checkpoint
+
+    name = head_tensor_name(model_dir)
+    w = read_tensors(model_dir, [name], torch_dtype(dtype) if dtype else None)[name]
+    cap = Checkpoint.open(model_dir).config().get("final_logit_softcapping")
+    return FrozenHead(w.to(device), float(cap) if cap else None)

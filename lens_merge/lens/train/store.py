@@ -5,8 +5,10 @@ Layout of ``cache/<key16>/``:
 - ``rows-<i>-of-<P>.safetensors``: the rows one process built. Per language ``x.<lang>``, the
   unpadded stream entering block N-K of every row laid end to end ``[tokens, d]`` fp32, with
   ``offsets.<lang>`` ``[rows+1]`` int64 (row j is ``x[offsets[j]:offsets[j+1]]``);
-  ``ref_last`` ``[rows, L, d]``, ``ref_mean_en`` ``[rows, d]`` and ``rows`` ``[rows]`` int64,
-  the rows' global indices.
+  ``ref_last`` ``[rows, L, d]``, ``ref_mean_en`` ``[rows, d]``, ``ref_logp_en`` ``[rows, V]``
+  fp32 (the base's next-token log-probabilities at the last English token, the whole
+  vocabulary: V*4 bytes a row, a few percent of the row's stream for an 8B model with a 128k
+  vocabulary) and ``rows`` ``[rows]`` int64, the rows' global indices.
 - ``cache.json`` (:class:`CacheMeta`): the format version, the languages, the first block, the
   number of rows and, per shard, its file, its rows and the process that built it. It is
   written last: a folder is complete when it has one, and folders only appear by a rename
@@ -14,6 +16,9 @@ Layout of ``cache/<key16>/``:
 
 Any reader finds any row through the meta, so a cache built by one process serves P processes
 and the other way round (on a filesystem they share).
+
+Format versions: 1 had no ``ref_logp_en``; such a folder is refused by ``read_meta`` (the
+cache key changed with it too, so a version-2 build never lands in a version-1 folder).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from lens_merge.errors import DataError
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_NAME = "cache.json"
 
 
@@ -41,6 +46,7 @@ class CacheRows(Protocol):
     ref_last: torch.Tensor
     ref_mean_en: torch.Tensor
     meta: dict[str, Any]
+    ref_logp_en: torch.Tensor | None
 
     def row_ids(self) -> list[int]: ...
 
@@ -77,7 +83,11 @@ def is_complete(folder: str | Path) -> bool:
 
 
 def write_shard(cache: CacheRows, path: str | Path) -> None:
-    """Write the rows of an in-memory cache as one shard file (atomically)."""
+    """Write the rows of an in-memory cache as one shard file (atomically).
+
+    Raises:
+        DataError: when the cache has no ``ref_logp_en`` (every built cache has one).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -91,6 +101,9 @@ def write_shard(cache: CacheRows, path: str | Path) -> None:
         tensors[f"offsets.{lang}"] = lens.cumsum(0)
     tensors["ref_last"] = cache.ref_last.float().contiguous()
     tensors["ref_mean_en"] = cache.ref_mean_en.float().contiguous()
+    if cache.ref_logp_en is None:
+        raise DataError(f"{path}: the cache has no ref_logp_en (build it with build_cache)")
+    tensors["ref_logp_en"] = cache.ref_logp_en.float().contiguous()
     tensors["rows"] = torch.tensor(cache.row_ids(), dtype=torch.int64)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
@@ -171,16 +184,16 @@ class DiskCache:
 
         Returns:
             ``x`` [L*B, T, d], ``mask`` [L*B, T], ``ref_last`` [B, L, d],
-            ``ref_mean_en`` [B, d], ``index`` [B] (as ``LensCache.collate``).
+            ``ref_mean_en`` [B, d], ``ref_logp_en`` [B, V], ``index`` [B] (as
+            ``LensCache.collate``).
         """
         import torch
 
         seqs = [self._x(lang, i) for lang in self.languages for i in idx]
         x, mask = pad_batch(seqs)
-        return {"x": x, "mask": mask,
-                "ref_last": torch.cat([self._ref("ref_last", i) for i in idx]),
-                "ref_mean_en": torch.cat([self._ref("ref_mean_en", i) for i in idx]),
-                "index": torch.tensor(idx)}
+        refs = {k: torch.cat([self._ref(k, i) for i in idx])
+                for k in ("ref_last", "ref_mean_en", "ref_logp_en")}
+        return {"x": x, "mask": mask, **refs, "index": torch.tensor(idx)}
 
 
 def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
