@@ -79,6 +79,11 @@ class TrainConfig(_Strict):
     lambda_kl: Float = Field(
         0.0, ge=0, le=MAX_WEIGHT, description="KL(base || lens) of the next-token distribution "
         "at the last English prompt token, through the frozen final norm and head")
+    lambda_kl_tokens: Float = Field(
+        0.0, ge=0, le=MAX_WEIGHT, description="KL(base || lens) of the next-token distributions "
+        "at every English prompt token (mean over tokens); the base's come from a frozen copy "
+        "of the top K blocks run on the cached inputs (generation continues from states like "
+        "these, so this keeps English replies, not only their first token)")
     align_anchor: Literal["trained", "reference"] = Field(
         "trained", description="what align pulls the targets' agnostic part toward: the "
         "trained English state (the paper) or the base's (align cannot move English)")

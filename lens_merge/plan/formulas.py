@@ -84,6 +84,7 @@ class Workload:
     train_dtype: str = "fp32"
     train_batch: int = 1
     train_kl: bool = True  # the trainer holds the frozen head (train.lambda_kl > 0)
+    train_kl_tokens: bool = False  # + a frozen copy of the top K blocks, per-token log-probs
     cache_batch: int = 16
     probe_batch: int = 16
     eval_batch: int = 48
@@ -181,13 +182,17 @@ def train_need(m: ModelShape, w: Workload, gpu: bool) -> Need:
                 + (", bf16 copies)" if st < 4 else ")")] = n * per_param + m.d * 4
     need.device["~activations kept for backward"] = \
         rows * T * (w.top_k + 1) * token_train_bytes(m, T, st) + rows * T * m.d * 4
-    if w.train_kl:  # the English rows' logits, log-probs, their grads and the base's, fp32
+    if w.train_kl or w.train_kl_tokens:  # English logits, log-probs, their grads, the base's
         need.device["frozen head [V, d] (KL term)"] = m.vocab * m.d * st
         need.device["~English next-token log-probs (KL term)"] = w.train_batch * m.vocab * 4 * 5
+    if w.train_kl_tokens:  # train.lambda_kl_tokens: the base's top K blocks and every token
+        need.device["frozen copy of the top K blocks, fp32 (per-token KL)"] = n * 4
+        need.device["~English log-probs at every token (per-token KL)"] = \
+            w.train_batch * T * m.vocab * 4 * 5
     side = need.host if gpu else need.device
     if gpu:
         side["~process"] = CUDA_HOST_BASE
-        if w.train_kl:
+        if w.train_kl or w.train_kl_tokens:
             side["one tensor read (head)"] = m.vocab * m.d * (m.dtype_bytes + st)
     side["base copy + delta of the top K blocks, fp32" + (" + trained copy" if gpu else "")] \
         = n * (12 if gpu else 8)

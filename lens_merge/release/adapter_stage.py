@@ -66,7 +66,7 @@ def _peft(ctx: Context, cfg: Any) -> tuple[list, dict]:
     d = ctx.p("adapters") / PEFT_DIR
     rep = export_peft_lora(ctx.p("delta"), d, rank=cfg.rank, energy=cfg.energy,
                            base=ctx.recipe.base, overwrite=True)
-    nums = {"peft_bytes": rep.get("bytes")} if isinstance(rep, dict) else {}
+    nums = {"peft_bytes": (rep.get("sizes") or {}).get("adapter_bytes")}
     if not cfg.verify:
         return [], nums
     v = verify_peft_lora(ctx.recipe.base, d, ctx.p("model"), languages=ctx.recipe.languages,

@@ -371,3 +371,38 @@ def test_a_version_1_cache_is_refused_not_misread(setup, tmp_path):
     (tmp_path / "c" / META_NAME).write_text(json.dumps(meta | {"format_version": 1}))
     with pytest.raises(DataError, match="format_version 1, expected 2; remove the folder"):
         DiskCache(tmp_path / "c")
+
+
+def _english_kl_tokens(path, tok, delta, prompts) -> float:
+    """KL(base || base+delta) at every English prompt token, mean over real tokens (nats)."""
+    from lens_merge.lens.hidden import encode
+
+    enc = encode(tok, prompts, 64, True)
+    model = load_model(path)
+    keep = enc["attention_mask"].bool()
+    with torch.no_grad():
+        base = torch.log_softmax(model(**enc).logits.double(), -1)[keep]
+        apply_delta(model, delta)
+        lens = torch.log_softmax(model(**enc).logits.double(), -1)[keep]
+    return float(torch.nn.functional.kl_div(lens, base, log_target=True, reduction="batchmean"))
+
+
+def test_per_token_kl_keeps_english_at_every_position(setup, tmp_path):
+    """lambda_kl_tokens: KL at every English token against a frozen copy of the base's top
+    blocks; 0 at the first step, and it holds English at every position (held-out prompts),
+    where the last-token KL only holds the last one."""
+    path, tok, sub = setup
+    prompts = load_prompts("default", LANGS, split="train", max_samples=8)
+    heldout = load_prompts("default", LANGS, split="heldout", max_samples=16).texts("en")
+    got = {}
+    for name, extra in (("last", {"lambda_kl": 10.0}), ("tokens", {"lambda_kl_tokens": 10.0})):
+        res = train(path, sub, prompts, _cfg(separate_scale=8.0, epochs=4, lambda_retain=0.0,
+                                             **extra), tmp_path / "w", max_length=64)
+        log = [json.loads(x) for x in res.log_path.read_text().splitlines()]
+        got[name] = (_english_kl_tokens(path, tok, res.delta, heldout), log, res.delta)
+    (kl_last, _, _), (kl_tok, log_tok, delta_tok) = got["last"], got["tokens"]
+    assert delta_tok.meta["loss_weights"]["kl_tokens"] == 10.0
+    assert abs(log_tok[0]["kl_tokens"]) < 1e-6  # the frozen copy is the base
+    # measured: 0.034 (last-token KL) vs 0.021 nats (per-token KL), same weight
+    assert kl_tok < 0.7 * kl_last, (kl_last, kl_tok)
+    assert log_tok[-1]["separate"] < 0.2 * log_tok[0]["separate"]  # the targets still move

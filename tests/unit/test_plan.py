@@ -220,3 +220,16 @@ def test_cli_exit_codes(monkeypatch):
     assert "train" in ok.output and "NO" not in ok.output
     no = CliRunner().invoke(app, args + ["llama3-70b"], env={"COLUMNS": "120"})
     assert no.exit_code == 1 and "does not fit: train needs" in no.output
+
+
+def test_per_token_kl_adds_the_frozen_blocks_and_token_log_probs(monkeypatch):
+    r = _paper(monkeypatch, memory="24GB", host_memory="64GB", config="llama3-8b")
+    base = next(s for s in plan_recipe(r).stages if s.name == "train")
+    p = plan_recipe(with_overrides(r, {"train.lambda_kl_tokens": 1.0}))
+    train = next(s for s in p.stages if s.name == "train")
+    frozen = train.device_terms["frozen copy of the top K blocks, fp32 (per-token KL)"]
+    assert frozen == 2 * 218_112_000 * 4
+    assert train.device_terms["frozen head [V, d] (KL term)"] == 128_256 * 4096 * 2
+    logp = train.device_terms["~English log-probs at every token (per-token KL)"]
+    assert logp == p.workload.train_batch * 128 * 128_256 * 4 * 5
+    assert train.device_peak > base.device_peak + frozen + logp

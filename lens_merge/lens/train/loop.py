@@ -21,7 +21,7 @@ from lens_merge.weights.checkpoint import Checkpoint, hash_entry
 from lens_merge.weights.delta import LensDelta
 
 LOG_NAME = "train_log.jsonl"
-SHOWN = ("loss", "retain", "separate", "align", "retain_last", "kl")  # beside the bar
+SHOWN = ("loss", "retain", "separate", "align", "retain_last", "kl", "kl_tokens")  # bar
 
 
 @dataclass
@@ -137,9 +137,12 @@ def train(
     deltas = torch.stack([subspace.delta_of(lang) for lang in prompts.languages[1:]]).float()
     weights = LossWeights(cfg.lambda_retain, cfg.lambda_separate, cfg.lambda_align,
                           cfg.separate_scale, cfg.lambda_retain_last, cfg.lambda_kl,
-                          cfg.align_anchor)
+                          cfg.lambda_kl_tokens, cfg.align_anchor)
     # the frozen head (tied: the embedding matrix), in the training dtype, only for the KL
-    head = load_head(model_dir, cfg.dtype, acc.device) if cfg.lambda_kl else None
+    head = (load_head(model_dir, cfg.dtype, acc.device)
+            if cfg.lambda_kl or cfg.lambda_kl_tokens else None)
+    # the base's top K blocks, frozen, for the per-token English KL reference
+    reference = _frozen_copy(stack, acc.device) if cfg.lambda_kl_tokens else None
     g = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(list(range(len(cache))), batch_size=cfg.batch_size,
                                          shuffle=True, generator=g, collate_fn=cache.collate)
@@ -161,7 +164,7 @@ def train(
                 for batch in loader:
                     with acc.accumulate(stack):
                         terms = _step_losses(stack, batch, L, sub, deltas, weights,
-                                             acc.device, head)
+                                             acc.device, head, reference)
                         acc.backward(terms["loss"])
                         if acc.sync_gradients and cfg.max_grad_norm:
                             acc.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -203,6 +206,7 @@ def train(
             "loss_weights": {"retain": cfg.lambda_retain, "separate": cfg.lambda_separate,
                              "align": cfg.lambda_align, "separate_scale": cfg.separate_scale,
                              "retain_last": cfg.lambda_retain_last, "kl": cfg.lambda_kl,
+                             "kl_tokens": cfg.lambda_kl_tokens,
                              "align_anchor": cfg.align_anchor},
             "hyperparameters": cfg.model_dump() | {"max_length": max_length,
                                                    "chat_template": chat_template,
@@ -281,10 +285,21 @@ def _named(model, names: list[str]) -> dict[str, Any]:
     return {n: params[n] for n in names}
 
 
+def _frozen_copy(stack, device):
+    """A frozen copy of the stack with the base's weights (before any step)."""
+    import copy
+
+    ref = copy.deepcopy(stack).to(device).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
 def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device,
-                 head=None):
+                 head=None, reference=None):
     """Every loss term of one batch (``lens_losses``); ``head`` (a ``FrozenHead``) gives the
-    KL term, which is absent without it."""
+    KL term, which is absent without it; ``reference`` (the frozen base stack) with ``head``
+    gives the per-token English KL."""
     x = batch["x"].to(device)
     mask = batch["mask"].to(device)
     ref_last = batch["ref_last"].to(device)
@@ -295,6 +310,12 @@ def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device
     if head is not None:
         kl = {"logp_en": head.log_probs(z[0]),
               "ref_logp_en": batch["ref_logp_en"].to(device)}
+        if reference is not None:
+            import torch
+
+            with torch.no_grad():
+                kl["ref_logp_tokens"] = head.log_probs(reference(x[:B], mask[:B]))
+            kl["logp_tokens"] = head.log_probs(h[:B])
     return lens_losses(
         h[:B], mask[:B], z[0], z[1:].transpose(0, 1), batch["ref_mean_en"].to(device),
         ref_last[:, 1:], deltas.to(device), sub, weights, ref_z_en=ref_last[:, 0], **kl)

@@ -35,6 +35,7 @@ class LossWeights:
     separate_scale: float = 1.0  # w_l, the same for every target language
     retain_last: float = 0.0
     kl: float = 0.0
+    kl_tokens: float = 0.0
     align_anchor: AlignAnchor = "trained"
 
 
@@ -51,6 +52,8 @@ def lens_losses(
     ref_z_en: torch.Tensor | None = None,
     logp_en: torch.Tensor | None = None,
     ref_logp_en: torch.Tensor | None = None,
+    logp_tokens: torch.Tensor | None = None,
+    ref_logp_tokens: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute every loss term and the weighted total.
 
@@ -69,6 +72,9 @@ def lens_losses(
         logp_en: [B, V] the trained model's next-token log-probabilities at the last English
             token; with ``ref_logp_en`` (the base's) gives ``kl`` (None: absent).
         ref_logp_en: [B, V] the base's log-probabilities there.
+        logp_tokens, ref_logp_tokens: [B, T, V] the trained model's and the base's
+            log-probabilities at every English token; with both, ``kl_tokens`` (the KL
+            averaged over the tokens ``mask_en`` marks; None: absent).
 
     Returns:
         dict with ``retain``, ``separate``, ``align``, ``retain_last`` and ``kl`` when their
@@ -107,7 +113,12 @@ def lens_losses(
     if logp_en is not None and ref_logp_en is not None:
         out["kl"] = F.kl_div(logp_en.float(), ref_logp_en.float(), log_target=True,
                              reduction="batchmean")
-    for name in ("retain_last", "kl"):
+    if logp_tokens is not None and ref_logp_tokens is not None:
+        per = F.kl_div(logp_tokens.float(), ref_logp_tokens.float(), log_target=True,
+                       reduction="none").sum(-1)  # [B, T]
+        keep = mask_en.to(per.dtype)
+        out["kl_tokens"] = (per * keep).sum() / keep.sum().clamp(min=1)
+    for name in ("retain_last", "kl", "kl_tokens"):
         weight = getattr(w, name)
         if weight:
             if name not in out:

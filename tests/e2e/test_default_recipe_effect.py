@@ -1,0 +1,50 @@
+"""The default recipe's Lens stages on the real default model: what the README and the card
+claim about the effect (issue 13's acceptance), measured on the held-out rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
+
+
+@pytest.fixture(scope="module")
+def report(default_model_dir, tmp_path_factory) -> dict:
+    from lens_merge.config import load_recipe, with_overrides
+    from lens_merge.release.pipeline import run_recipe
+
+    out = tmp_path_factory.mktemp("default-effect")
+    recipe = with_overrides(load_recipe(RECIPE), {"output_dir": str(out)})
+    run_recipe(recipe, only=["probe", "train", "eval"], push=False)
+    return json.loads((recipe.release_dir / "report" / "lens_report.json").read_text())
+
+
+def test_targets_move_where_the_base_is_weak(report):
+    per, targets = report["per_language"], report["languages"][1:]
+    up = [lang for lang in targets
+          if per[lang]["first_token_mass_lens"] > per[lang]["first_token_mass_base"]]
+    assert len(up) >= 7, {lang: (per[lang]["first_token_mass_base"],
+                                 per[lang]["first_token_mass_lens"]) for lang in targets}
+    s = report["summary"]
+    assert s["lpr"]["lens"] > s["lpr"]["base"]
+    for lang in targets:  # no language down by more than its interval
+        assert per[lang]["lpr_lens"] >= per[lang]["lpr_ci_base"][0], lang
+
+
+def test_english_is_kept(report):
+    s = report["summary"]
+    assert s["english_kl"] <= 0.01
+    assert s["english_top1_agreement"] >= 0.97
+    assert s["english_identical_replies"] >= 0.80
+    assert s["english_lpr"]["lens"] >= s["english_lpr"]["base"]
+
+
+def test_steering_baseline_is_reported_beside_lens(report):
+    s = report["summary"]
+    assert set(s["lpr"]) == {"base", "steer", "lens"}
+    assert report["steering"]["alpha"]
+    assert report["steering_vs_lens"]["better"] in ("lens", "steer", "tie", None)
