@@ -49,5 +49,6 @@ def test_english_is_kept(report):
 def test_steering_baseline_is_reported_beside_lens(report):
     s = report["summary"]
     assert set(s["lpr"]) == {"base", "steer", "lens"}
-    assert report["steering"]["alpha"]
-    assert report["steering_vs_lens"]["better"] in ("lens", "steer", "tie", None)
+    assert s["steering"]["alpha"] and set(s["steering"]["alpha"]) == set(report["languages"][1:])
+    assert s["steering_vs_lens"]["better"] in ("lens", "steer", "tie", None)
+    assert s["english_kl_steer"] == 0.0  # English is never steered
