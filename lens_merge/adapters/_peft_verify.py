@@ -67,26 +67,6 @@ def _with_delta(model, delta: LensDelta):
     return model
 
 
-def _logits(model, tok, items, max_length: int, batch_size: int, device: str, task=None):
-    """Per prompt: (token ids, fp32 logits [tokens, vocab] on the CPU)."""
-    import torch
-
-    from lens_merge.lens.hidden import batches, encode
-
-    out = []
-    with torch.no_grad():
-        for chunk in batches(items, batch_size):
-            enc = {k: v.to(device) for k, v in
-                   encode(tok, [t for _, t in chunk], max_length).items()}
-            logits = model(**enc).logits.float()
-            mask = enc["attention_mask"].bool()
-            for i in range(len(chunk)):
-                out.append((enc["input_ids"][i][mask[i]].tolist(), logits[i][mask[i]].cpu()))
-            if task is not None:
-                task.advance(len(chunk))
-    return out
-
-
 def verify_peft_lora(
     base: str | Path,
     adapter_dir: str | Path,
@@ -136,7 +116,9 @@ def verify_peft_lora(
                            "'lens-merge[lora]'") from None
 
     from lens_merge.files import write_json_atomic
+    from lens_merge.memory import release_memory
     from lens_merge.models import load_model, load_tokenizer
+    from lens_merge.parity.logits import prompt_logits
     from lens_merge.weights._source import resolve_base
     from lens_merge.weights.checkpoint import Checkpoint
     from lens_merge.weights.delta import LensDelta
@@ -161,54 +143,72 @@ def verify_peft_lora(
     problems: list[str] = []
     passes = 3 + bool(prov.dropped and delta is not None)
 
-    def run(model, task):
-        model.to(device).eval()
-        res = _logits(model, tok, items, max_length, batch_size, device, task)
+    def run(load, task, visit=None):
+        """Logits of the model ``load()`` builds (kept, or given to ``visit``); the model is
+        freed before the next one loads."""
+        model = load().to(device).eval()
+        res = prompt_logits(model, tok, items, max_length, batch_size, device, task, visit)
         del model
+        release_memory()
         return res
 
-    with progress.task("verify lora", passes * len(items)) as task:
-        if delta is not None:
-            ref = run(_with_delta(load_model(base_dir, dtype="fp32"), delta), task)
-        else:
-            ref = run(load_model(folded_dir, dtype="fp32"), task)
+    def with_adapter():
         own = load_model(base_dir, dtype="fp32")
-        problems += apply_adapter_files(own, adapter)
-        layout = run(own, task)
-        del own
+        problems.extend(apply_adapter_files(own, adapter))
+        return own
+
+    def peft_model():
         try:
-            peft_model = PeftModel.from_pretrained(load_model(base_dir, dtype="fp32"),
-                                                   str(adapter))
+            return PeftModel.from_pretrained(load_model(base_dir, dtype="fp32"), str(adapter))
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = " ".join(str(exc).split())[:300]
             raise AdapterError(f"{adapter}: PEFT cannot load it ({type(exc).__name__}: "
                                f"{first})") from None
-        got = run(peft_model, task)
-        del peft_model
-        dropped = None
-        if prov.dropped and delta is not None:
+
+    total, per_lang, drop_tally, rows = LogitTally(), {}, LogitTally(), []
+    adapter_diff = [0.0]
+    held: dict[str, list] = {}  # the kept passes: "ref" and "got" (PEFT)
+
+    def vs_peft(i: int, _ids: list[int], own_logits) -> None:
+        a_diff = max_abs_diff(own_logits, held["got"][i][1])
+        rows[i]["adapter_max_abs_logit_diff"] = a_diff
+        adapter_diff[0] = max(adapter_diff[0], a_diff)
+
+    def vs_ref(i: int, ids: list[int], logits) -> None:
+        total_add(drop_tally, None, ids, held["ref"][i][1], logits)
+
+    # one model in memory at a time (base + delta, PEFT, base + the adapter's files, the
+    # delta without what the adapter dropped); two passes' logits kept, the others compared
+    # with them as they come
+    with progress.task("verify lora", passes * len(items)) as task:
+        if delta is not None:
+            held["ref"] = run(lambda: _with_delta(load_model(base_dir, dtype="fp32"), delta),
+                              task)
+        else:
+            held["ref"] = run(lambda: load_model(folded_dir, dtype="fp32"), task)
+        held["got"] = run(peft_model, task)
+        for i, (lang, text) in enumerate(items):
+            ids, r = held["ref"][i]
+            g = held["got"][i][1]
+            diff = total_add(total, per_lang.setdefault(lang, LogitTally()), ids, r, g)
+            rows.append({"language": lang, "prompt": text, "n_tokens": len(ids),
+                         "max_abs_logit_diff": diff, "adapter_max_abs_logit_diff": None,
+                         "top1_agreement": float((r.argmax(-1) == g.argmax(-1)).float().mean())})
+        run(with_adapter, task, visit=vs_peft)
+        del held["got"]
+        dropped = prov.dropped and delta is not None
+        if dropped:
             kept = LensDelta(tensors={n: t for n, t in delta.tensors.items()
                                       if n not in prov.dropped}, meta=delta.meta)
-            dropped = run(_with_delta(load_model(base_dir, dtype="fp32"), kept), task)
-    total, per_lang, drop_tally, rows = LogitTally(), {}, LogitTally(), []
-    adapter_diff = 0.0
-    for i, (lang, text) in enumerate(items):
-        ids, r = ref[i]
-        g, own_logits = got[i][1], layout[i][1]
-        diff = total_add(total, per_lang.setdefault(lang, LogitTally()), ids, r, g)
-        a_diff = max_abs_diff(own_logits, g)
-        adapter_diff = max(adapter_diff, a_diff)
-        if dropped is not None:
-            total_add(drop_tally, None, ids, r, dropped[i][1])
-        rows.append({"language": lang, "prompt": text, "n_tokens": len(ids),
-                     "max_abs_logit_diff": diff, "adapter_max_abs_logit_diff": a_diff,
-                     "top1_agreement": float((r.argmax(-1) == g.argmax(-1)).float().mean())})
+            run(lambda: _with_delta(load_model(base_dir, dtype="fp32"), kept), task,
+                visit=vs_ref)
+        held.clear()
     exact = all(t.get("rank") == t.get("full_rank") for t in prov.tensors.values())
     variant = "full_rank" if exact and not prov.dropped and ref_dtype == "float32" \
         else "approximate"
-    metrics: dict[str, Any] = {**total.metrics(), "adapter_max_abs_logit_diff": adapter_diff,
+    metrics: dict[str, Any] = {**total.metrics(), "adapter_max_abs_logit_diff": adapter_diff[0],
                                "size_ratio": prov.sizes.get("ratio")}
-    if dropped is not None:
+    if dropped:
         dm = drop_tally.metrics()
         metrics |= {"dropped_max_abs_logit_diff": dm["max_abs_logit_diff"],
                     "dropped_top1_agreement": dm["top1_agreement"]}

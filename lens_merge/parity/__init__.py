@@ -4,9 +4,12 @@
   of the default data, or the user's own).
 - ``metrics``: max |logit diff|, top-1 agreement over distinct contexts, KL, greedy equality.
 - ``thresholds``: the limits per verifier and output type, as one table.
+- ``logits``: ``prompt_logits``, one model's logits on the prompts (kept, or compared as they
+  come), so a verifier holds one model at a time.
 - The report itself is ``lens_merge.records.ParityReport``.
 """
 
+from lens_merge.parity.logits import prompt_logits
 from lens_merge.parity.metrics import (
     DistinctContexts,
     first_mismatch,
@@ -26,6 +29,7 @@ __all__ = [
     "kl_per_position",
     "max_abs_diff",
     "parity_prompts",
+    "prompt_logits",
     "thresholds_for",
     "top1_same",
 ]

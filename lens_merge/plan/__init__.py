@@ -132,7 +132,8 @@ def workload_of(recipe: Recipe) -> F.Workload:
     shared = (_covered(probe, train, langs) if probe is not None and train is not None
               else d.probe == d.train and n_probe <= n_train)
     budget = getattr(recipe.eval, "max_memory", None)  # bytes; None: sized in plan_recipe
-    g, o = recipe.export.gguf, recipe.export.onnx
+    g, o, e, b = recipe.export.gguf, recipe.export.onnx, recipe.export, recipe.bench
+    cv = e.control_vectors
     return F.Workload(
         languages=len(langs), max_length=d.max_length, top_k=recipe.train.top_k,
         train_rows=n_train, probe_rows=n_probe, shared_pass=shared, eval_rows=n_eval,
@@ -145,7 +146,15 @@ def workload_of(recipe: Recipe) -> F.Workload:
         gguf_outtypes=tuple(g.outtypes) if g else (), gguf_verify=bool(g and g.verify),
         onnx_dtype=o.dtype if o and o.enabled else None,
         onnx_quantize=bool(o and o.quantize), onnx_verify=bool(o and o.verify),
-        estimated=tuple(est))
+        bench_dtype=b.dtype if b.tasks else None, bench_batch=_bench_batch(b.batch_size),
+        lora_verify=bool(e.lora and e.lora.verify),
+        gguf_lora=e.gguf_lora.outtype if e.gguf_lora and e.gguf_lora.verify else None,
+        cv_verify=bool(cv and cv.verify), estimated=tuple(est))
+
+
+def _bench_batch(size: int | str) -> int:
+    """lm-eval's batch size (``auto`` planned as the default 8)."""
+    return size if isinstance(size, int) else 8
 
 
 def _shape_for(recipe: Recipe, config: str | Path | ModelShape | None) -> ModelShape:
@@ -179,6 +188,8 @@ def _needs(m: ModelShape, w: F.Workload, recipe: Recipe, gpu: bool):
                                                    True, gpu)
     yield "train", "train", dev, F.train_need(m, w, gpu)
     yield "eval", "eval", dev, F.eval_need(m, w, gpu)
+    if w.bench_dtype:
+        yield "bench", "bench", dev, F.bench_need(m, w)
     yield "fold", "fold", "cpu", F.fold_need(m, w)
     if recipe.fold.verify:
         yield "verify", "verify", "cpu", F.verify_need(m, w)
@@ -186,6 +197,8 @@ def _needs(m: ModelShape, w: F.Workload, recipe: Recipe, gpu: bool):
         yield "gguf", "gguf", "cpu", F.gguf_need(m, w)
     if w.onnx_dtype:
         yield "onnx", "onnx", "cpu", F.onnx_need(m, w)
+    if recipe.export.lora or recipe.export.gguf_lora or recipe.export.control_vectors:
+        yield "adapters", "adapters", "cpu", F.adapters_need(m, w)
 
 
 def plan_recipe(recipe: Recipe, config: str | Path | ModelShape | None = None,

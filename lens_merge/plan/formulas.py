@@ -37,14 +37,22 @@ Stages (what the code holds at its peak; see each function):
   the frozen pass: ``run_eval`` must pass ``dtype=recipe.train.dtype`` to ``evaluate``
   (today it keeps ``evaluate``'s default fp32, which for a bf16 8B base is 32 GB).
 - ``fold`` (CPU): the fp32 delta + one changed tensor as stored, in fp32, W + dW, cast back.
-- ``verify`` (CPU, today's code): two whole models in s (base + delta, the folded one) and
-  both models' logits [8, 64, V] (as returned, plus an fp32 copy).
+- ``verify`` (CPU): one model at a time in s (base + delta, then the folded one), the logits
+  of every parity prompt of the first kept [prompts, 64, V] fp32, and one batch's logits
+  [8, 64, V] (as returned, an fp32 copy, the masked copy).
 - ``gguf`` (CPU, today's code): export holds one tensor (fp32, a converted copy, the encoded
   bytes); verification holds the checkpoint in fp32 in transformers and the GGUF mapped by
   llama.cpp, with its logits for every position.
-- ``onnx`` (CPU, today's code, ~): the traced model holds the weights about three times
-  (module, graph initializers, serialized protobuf); verification holds PyTorch fp32 and the
-  ONNX Runtime sessions.
+- ``onnx`` (CPU, ~): export in a child process (its peak counts): torch's TorchScript
+  exporter holds the model, the constant-folded weights, the protobuf and its serialized
+  bytes; verification holds one model at a time: PyTorch fp32 (with the kept logits and
+  greedy steps of every prompt), then each ONNX Runtime session (graph read + weights).
+- ``bench`` (recipe device, ~): lm-eval on one model in ``bench.dtype`` with the delta applied
+  in place, and a batch's logits at up to ``BENCH_TOKENS`` tokens (fp32, with log-softmax).
+- ``adapters`` (CPU): the largest of its checks, each one model at a time: the PEFT check
+  (one fp32 model + the kept logits of every pass), the llama.cpp LoRA check (the base GGUF in
+  the adapter's outtype mapped, its logits for every position) and the control vector check
+  (transformers fp32 + the f16 base GGUF mapped in llama.cpp).
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 /
               "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "q6_k": 210 / 256,
               "q5_k_m": 0.72, "q4_k_m": 0.61}
 VERIFY_BATCH, VERIFY_TOKENS = 8, 64  # verify_fold's batch and prompt length
+VERIFY_PER_LANGUAGE = 2  # parity prompts per language of verify_fold and the PEFT check
+BENCH_TOKENS = 512  # ~ context of one lm-eval request (task-dependent)
 GGUF_VERIFY_EXTRA = 48  # tokens beyond the prompt in verify_gguf's context (G + 16)
 
 
@@ -95,6 +105,11 @@ class Workload:
     onnx_dtype: str | None = None
     onnx_quantize: bool = False
     onnx_verify: bool = True
+    bench_dtype: str | None = None  # None: no bench stage
+    bench_batch: int = 8
+    lora_verify: bool = False  # the PEFT check of export.lora
+    gguf_lora: str | None = None  # export.gguf_lora's outtype when it is verified
+    cv_verify: bool = False  # the control vector check (transformers + the f16 base GGUF)
     estimated: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -254,13 +269,16 @@ def fold_need(m: ModelShape, w: Workload) -> Need:
 
 
 def verify_need(m: ModelShape, w: Workload) -> Need:
-    """``verify_fold`` on the CPU as the code does it today (see module doc)."""
+    """``verify_fold`` on the CPU: one model at a time (see module doc)."""
     s, b, T = m.dtype_bytes, VERIFY_BATCH, VERIFY_TOKENS
-    need = Need(note="two whole models (today's verify_fold)")
+    prompts = w.languages * VERIFY_PER_LANGUAGE
+    need = Need(note="one model at a time, the first one's logits kept")
     need.device["~process"] = CPU_BASE
-    need.device["two models (base + delta, folded)"] = 2 * m.params * s
+    need.device["one model (base + delta, then the folded one)"] = m.params * s
     need.device["delta fp32"] = w.top_k * m.block_params * 4
-    need.device["logits of both models [8, 64, V]"] = 2 * b * T * m.vocab * (s + 4)
+    need.device["kept logits of every prompt [prompts, 64, V] fp32"] = prompts * T * m.vocab * 4
+    need.device["logits of a batch [8, 64, V] (as returned, fp32, masked)"] = \
+        b * T * m.vocab * (s + 8)
     need.device["~block working memory"] = b * T * token_infer_bytes(m, T, s)
     return need
 
@@ -284,14 +302,64 @@ def gguf_need(m: ModelShape, w: Workload) -> Need:
 
 
 def onnx_need(m: ModelShape, w: Workload) -> Need:
-    """ONNX export (optimum traces the whole model) and verification (module doc)."""
+    """ONNX export (a child process: optimum traces the whole model) and verification, one
+    model at a time (module doc)."""
     so = 2 if w.onnx_dtype == "fp16" else 4
-    need = Need(note="optimum loads and traces the whole model")
+    need = Need(note="export in a child process; verify one model at a time")
     need.device["~process"] = CPU_BASE
     # torch's TorchScript exporter (under optimum) holds the model, the constant-folded copy of
-    # the weights, the serialized graph and Python's copy of it: measured 3.19 GB peak for
-    # SmolLM2-135M in fp32 (0.54 GB of weights) = the process + 4.75x the weights
+    # the weights, the protobuf and its serialized bytes: the child peaks at 3.17-3.19 GB for
+    # SmolLM2-135M in fp32 (0.54 GB of weights) = the process + ~5x the weights; verification
+    # peaks at 1.95 GB (the fp32 session: 1.07 GB over the process)
     export = 5 * m.params * so
-    verify = m.params * (4 + so + (1 if w.onnx_quantize else 0)) if w.onnx_verify else 0
-    need.device["~max(export: 3 copies; verify: PyTorch + ONNX Runtime)"] = max(export, verify)
+    # transformers fp32, then an ONNX Runtime session: the graph read and its weights
+    verify = max(m.params * 4, 2 * m.params * so) if w.onnx_verify else 0
+    need.device["~max(export: ~5 copies; verify: PyTorch or one ONNX Runtime session)"] = \
+        max(export, verify)
+    return need
+
+
+def bench_need(m: ModelShape, w: Workload) -> Need:
+    """lm-eval on base and base + delta, one model (module doc)."""
+    s = _bytes(w.bench_dtype or "fp32")
+    need = Need(note=f"lm-eval batch {w.bench_batch}")
+    need.device["~process"] = CPU_BASE
+    need.device["model in bench.dtype"] = m.params * s
+    need.device["delta fp32"] = w.top_k * m.block_params * 4
+    need.device["~batch logits [batch, 512, V] fp32 + log-softmax"] = \
+        w.bench_batch * BENCH_TOKENS * m.vocab * 4 * 2
+    return need
+
+
+def adapters_need(m: ModelShape, w: Workload) -> Need:
+    """The adapters stage's checks on the CPU; its peak is the largest one (module doc)."""
+    prompts, T = w.languages * VERIFY_PER_LANGUAGE, VERIFY_TOKENS
+    n_ctx = w.max_length + GGUF_VERIFY_EXTRA
+    branches: dict[str, dict[str, int]] = {}
+    if w.lora_verify:  # base + delta, base + the adapter's files, PEFT, (the kept-only delta)
+        branches["PEFT check"] = {
+            "one fp32 model (+ its LoRA factors)": m.params * 4 + w.top_k * m.block_params * 4,
+            "delta fp32": w.top_k * m.block_params * 4,
+            "kept logits of 4 passes [prompts, 64, V] fp32": 4 * prompts * T * m.vocab * 4,
+        }
+    if w.gguf_lora:  # llama.cpp: the base GGUF + the LoRA, then the folded GGUF
+        gg = GGUF_BYTES.get(w.gguf_lora.lower(), 4.0)
+        branches["llama.cpp LoRA check"] = {
+            f"base GGUF ({w.gguf_lora}) + LoRA, mapped": int(m.params * gg)
+            + int(w.top_k * m.block_params * gg),
+            "logits of every position [n_ctx, V] fp32 (two copies)": 2 * n_ctx * m.vocab * 4,
+        }
+    if w.cv_verify:
+        branches["control vector check"] = {
+            "transformers fp32 model": m.params * 4,
+            "base GGUF (f16), mapped": m.params * 2,
+            "logits of every position [n_ctx, V] fp32 (two copies)": 2 * n_ctx * m.vocab * 4,
+        }
+    need = Need()
+    need.device["~process"] = CPU_BASE
+    if not branches:
+        return need
+    name = max(branches, key=lambda k: sum(branches[k].values()))
+    need.note = f"largest: {name}"
+    need.device.update({f"{name}: {k}": v for k, v in branches[name].items()})
     return need

@@ -34,6 +34,7 @@ def inputs(ctx: Context) -> dict:
 
 def run(ctx: Context) -> dict:
     from lens_merge.errors import VerificationError
+    from lens_merge.memory import release_memory
     from lens_merge.records import ParitySet
 
     e = ctx.recipe.export
@@ -50,6 +51,7 @@ def run(ctx: Context) -> dict:
             got, nums, failed = [exc.report], {}, failed or exc
         reports += got
         numbers |= nums
+        release_memory()  # what one check freed goes back before the next one loads
     write_json_atomic(ctx.p("adapters_verify"), ParitySet(reports=reports).dump())
     bad = [r for r in reports if not r.passed]
     if failed or bad:

@@ -71,6 +71,22 @@ class LogitTally:
                 "n_contexts": self.top1.n, "n_positions": self.top1.n_all}
 
 
+def _comparer(items: list[tuple[str, str]], want: list, total: LogitTally,
+              per_lang: dict[str, LogitTally], rows: list[dict]):
+    """A ``prompt_logits`` visitor comparing each prompt's logits with the kept ``want``."""
+
+    def compare(i: int, ids: list[int], rb) -> None:
+        (lang, text), ra = items[i], want[i][1]
+        diff, same, kl = max_abs_diff(ra, rb), top1_same(ra, rb), kl_per_position(ra, rb)
+        total.add(ids, diff, same, kl)
+        per_lang.setdefault(lang, LogitTally()).add(ids, diff, same, kl)
+        rows.append({"language": lang, "prompt": text, "n_tokens": len(ids),
+                     "max_abs_logit_diff": diff,
+                     "top1_agreement": sum(same) / max(len(same), 1)})
+
+    return compare
+
+
 def _dtype(model) -> str:
     return str(next(model.parameters()).dtype).split(".")[-1]
 
@@ -93,7 +109,9 @@ def verify_fold(
 ) -> ParityReport:
     """Compare base + delta (applied in memory) with the folded checkpoint on real prompts.
 
-    Both models run in the checkpoint's stored dtype with plain transformers. Logits are
+    Both models run in the checkpoint's stored dtype with plain transformers, one at a time
+    (``parity.logits.prompt_logits``: base + delta's logits are kept, the model is freed, then
+    the folded model's are compared as they come): the peak is one model. Logits are
     compared at every real (non-padding) position of every prompt; top-1 agreement counts
     each distinct context once (``parity.metrics.DistinctContexts``).
 
@@ -127,10 +145,9 @@ def verify_fold(
             ``.report`` holds it.
         DeltaError: when the base is not the checkpoint the delta was made for.
     """
-    import torch
-
-    from lens_merge.lens.hidden import batches, encode
+    from lens_merge.memory import release_memory
     from lens_merge.models import load_model, load_tokenizer
+    from lens_merge.parity.logits import prompt_logits
     from lens_merge.weights.delta import apply_delta
 
     t0 = time.perf_counter()
@@ -140,33 +157,29 @@ def verify_fold(
     langs = list(languages or d.languages or ["en"])
     items = parity_prompts(langs, per_language=n_per_language, prompts=prompts, by_row=False)
     tok = load_tokenizer(folded_dir)
-    ref = load_model(base_dir, dtype=None, device=device)
-    apply_delta(ref, d)
-    new = load_model(folded_dir, dtype=None, device=device)
-    base_dtype, dtype = _dtype(ref), _dtype(new)
+    total, per_lang, rows = LogitTally(), {}, []
+
+    # one model in memory at a time: the reference's logits are kept, the model freed; the
+    # folded model's logits are compared prompt by prompt as they come
+    with progress.task("verify fold", 2 * len(items)) as task:
+        ref = load_model(base_dir, dtype=None, device=device)
+        apply_delta(ref, d)
+        base_dtype = _dtype(ref)
+        want = prompt_logits(ref, tok, items, max_length, batch_size, device, task)
+        del ref
+        release_memory()
+        new = load_model(folded_dir, dtype=None, device=device)
+        dtype = _dtype(new)
+        prompt_logits(new, tok, items, max_length, batch_size, device, task,
+                      visit=_comparer(items, want, total, per_lang, rows))
+        del new, want
+        release_memory()
     limits, problems = fold_limits(dtype, tolerance)
     if base_dtype != dtype:
         problems.append(f"weights are {dtype}, the base is {base_dtype}; a fold must keep the "
                         "base dtype")
     if not items:
         problems.append("no prompts to compare")
-    total, per_lang, rows = LogitTally(), {}, []
-    with torch.no_grad(), progress.task("verify fold", len(items)) as task:
-        for chunk in batches(items, batch_size):
-            enc = {k: v.to(device) for k, v in
-                   encode(tok, [t for _, t in chunk], max_length).items()}
-            a, b = ref(**enc).logits.float(), new(**enc).logits.float()
-            mask = enc["attention_mask"].bool()
-            for i, (lang, text) in enumerate(chunk):
-                m = mask[i]
-                ra, rb, ids = a[i][m], b[i][m], enc["input_ids"][i][m].tolist()
-                diff, same, kl = max_abs_diff(ra, rb), top1_same(ra, rb), kl_per_position(ra, rb)
-                total.add(ids, diff, same, kl)
-                per_lang.setdefault(lang, LogitTally()).add(ids, diff, same, kl)
-                rows.append({"language": lang, "prompt": text, "n_tokens": len(ids),
-                             "max_abs_logit_diff": diff,
-                             "top1_agreement": sum(same) / max(len(same), 1)})
-            task.advance(len(chunk))
     metrics = total.metrics()
     report = parity_report(
         KIND, folded_dir, f"{base_dir} + delta", checks=checks_for(limits, metrics),

@@ -83,9 +83,11 @@ def test_formulas_by_hand():
     assert fp["states of every prompt [rows*L, T, d]"] == 3 * 2 * 8 * 64 * 4
     assert fp["pooled states fp32 [N, rows*L, d]"] == 4 * 3 * 2 * 64 * 4
     assert fp["training cache (fp32, until saved)"] == 39_168
-    v = F.verify_need(m, w).device
-    assert v["two models (base + delta, folded)"] == 2 * 279_104 * 4
-    assert v["logits of both models [8, 64, V]"] == 2 * 8 * 64 * 2048 * 8
+    v = F.verify_need(m, w).device  # one model at a time, 2 prompts a language kept
+    assert v["one model (base + delta, then the folded one)"] == 279_104 * 4
+    assert "two models (base + delta, folded)" not in v
+    assert v["kept logits of every prompt [prompts, 64, V] fp32"] == 2 * 2 * 64 * 2048 * 4
+    assert v["logits of a batch [8, 64, V] (as returned, fp32, masked)"] == 8 * 64 * 2048 * 12
     # eval, per row: KV caches of base and Lens 2 x (N Hkv hd x 2 x s x (T + G)), logits
     # 16 V, prefill T (3 H T 4 + (3 f + 8 d) s)
     assert F.eval_workspace(m, w, 3) == 3 * (
@@ -149,9 +151,9 @@ def test_paper_setup_fits_a_24gb_gpu(monkeypatch):
 
 
 def test_paper_setup_host_stages_need_more_than_24gb_of_ram(monkeypatch):
-    """Today's verify (two bf16 models) and GGUF verify (an fp32 reference) run on the CPU."""
+    """GGUF verify (an fp32 reference) runs on the CPU; verify holds one bf16 model (16 GB)."""
     p = plan_recipe(_paper(monkeypatch, memory="24GB", host_memory="24GB", config="llama3-8b"))
-    assert {s.name for s in p.stages if s.fits is False} == {"verify", "gguf"}
+    assert {s.name for s in p.stages if s.fits is False} == {"gguf"}
     assert all(s.short == ("device",) and s.device == "cpu" for s in p.stages if not s.fits)
 
 
@@ -233,3 +235,53 @@ def test_per_token_kl_adds_the_frozen_blocks_and_token_log_probs(monkeypatch):
     logp = train.device_terms["~English log-probs at every token (per-token KL)"]
     assert logp == p.workload.train_batch * 128 * 128_256 * 4 * 5
     assert train.device_peak > base.device_peak + frozen + logp
+
+
+def test_default_recipe_has_adapters_and_one_model_rows(tmp_path, monkeypatch):
+    """The default recipe's adapters row (PEFT, llama.cpp LoRA and control vector checks) and
+    the one-model-at-a-time verify/onnx rows, on SmolLM2-135M's shape."""
+    monkeypatch.chdir(ROOT)
+    r = with_overrides(load_recipe(ROOT / "recipes" / "default.yaml"), {"plan.memory": "24GB"})
+    p = plan_recipe(r, config=_tiny_base(tmp_path, SMOL))
+    rows = {s.name: s for s in p.stages}
+    assert [s.name for s in p.stages][-3:] == ["gguf", "onnx", "adapters"]
+    assert "bench" not in rows  # no bench tasks in the default recipe
+    w, P, V = p.workload, 134_515_008, 49_152
+    assert (w.lora_verify, w.gguf_lora, w.cv_verify) == (True, "f16", True)
+    # verify: one fp32 model, 10 languages x 2 prompts of kept logits
+    v = rows["verify"].device_terms
+    assert v["one model (base + delta, then the folded one)"] == P * 4
+    assert v["kept logits of every prompt [prompts, 64, V] fp32"] == 20 * 64 * V * 4
+    # adapters: the PEFT check is the largest (one fp32 model + factors, 4 passes of logits)
+    a = rows["adapters"]
+    assert a.note == "largest: PEFT check"
+    dk = 2 * 3_540_096 * 4  # the delta of two SmolLM2 blocks, fp32
+    assert a.device_terms["PEFT check: one fp32 model (+ its LoRA factors)"] == P * 4 + dk
+    assert a.device_terms["PEFT check: kept logits of 4 passes [prompts, 64, V] fp32"] == \
+        4 * 20 * 64 * V * 4
+    assert a.device_peak == F.CPU_BASE + P * 4 + 2 * dk + 4 * 20 * 64 * V * 4
+    # onnx: the exporter's ~5 copies of the fp32 weights (in a child process) dominate
+    assert rows["onnx"].device_terms[
+        "~max(export: ~5 copies; verify: PyTorch or one ONNX Runtime session)"] == 5 * P * 4
+    assert all(rows[n].device_peak < 2.5 * 2**30 for n in ("verify", "adapters"))
+    # without the PEFT check the llama.cpp LoRA check is the largest
+    lcpp = plan_recipe(with_overrides(r, {"export.lora": None}), config=p.shape)
+    a2 = next(s for s in lcpp.stages if s.name == "adapters")
+    assert a2.note == "largest: control vector check"
+    assert a2.device_terms["control vector check: transformers fp32 model"] == P * 4
+    assert a2.device_terms["control vector check: base GGUF (f16), mapped"] == P * 2
+
+
+def test_bench_row(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    r = with_overrides(load_recipe(ROOT / "recipes" / "default.yaml"),
+                       {"plan.memory": "24GB", "bench.tasks": ["xcopa_sw"],
+                        "bench.batch_size": 4, "bench.dtype": "bf16"})
+    p = plan_recipe(r, config=_tiny_base(tmp_path, SMOL))
+    names = [s.name for s in p.stages]
+    assert names.index("bench") == names.index("eval") + 1
+    b = next(s for s in p.stages if s.name == "bench")
+    assert b.device_terms["model in bench.dtype"] == 134_515_008 * 2
+    assert b.device_terms["~batch logits [batch, 512, V] fp32 + log-softmax"] == \
+        4 * 512 * 49_152 * 4 * 2
+    assert b.note == "lm-eval batch 4"

@@ -1,7 +1,9 @@
 """One prompt through transformers, the ONNX graph and (when present) its int8 copy.
 
-``check_prompt`` compares full-sequence logits and greedy KV-cache generations and adds the
-numbers to a ``Tally``; ``verify.py`` turns the tally into parity reports.
+``reference`` runs a prompt through transformers and keeps what the graphs are compared with;
+``check_prompt`` (fp graph) and ``check_int8`` compare full-sequence logits and greedy
+KV-cache generations with it and add the numbers to a ``Tally``; ``verify.py`` runs one
+model at a time and turns the tally into parity reports.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from lens_merge.parity.metrics import (
 # and ORT fp32 by 1.3e-4, so a flat 1e-4 would sit on the noise floor (fp32 bound there:
 # 3.9e-4). fp16 keeps 11 significant bits (one ulp is 0.031 at |logit| 32-64): measured 0.087.
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-5}, "fp16": {"atol": 5e-2, "rtol": 8e-3}}
+
+
+# ONNX Runtime session config entries that cut memory, on top of no CPU arena and no memory
+# pattern (logits bit-identical, measured). Not "session.disable_prepacking": it saves 0.1 GB
+# on SmolLM2-135M's fp32 session (1.07 GB over the process) but moves logits by up to 9e-5.
+LEAN_SESSION: dict[str, str] = {}
 
 
 def tolerance_for(dtype: str, tolerance: float | None, scale: float) -> float:
@@ -56,8 +64,14 @@ def greedy(model: Any, enc: dict[str, Any], max_new: int, eos: list[int], pad: i
     return out.sequences[0, n:].tolist(), steps
 
 
-def load_ort(out: Path, file_name: str | None) -> Any:
-    """``ORTModelForCausalLM`` on a graph of the folder (None: what ``from_pretrained`` picks)."""
+def load_ort(out: Path, file_name: str | None, lean: bool = True) -> Any:
+    """``ORTModelForCausalLM`` on a graph of the folder (None: what ``from_pretrained`` picks).
+
+    Args:
+        out: the export folder.
+        file_name: the graph file (None: ``from_pretrained``'s choice).
+        lean: trade speed for memory (``LEAN_SESSION``); results are unchanged.
+    """
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -66,6 +80,11 @@ def load_ort(out: Path, file_name: str | None) -> Any:
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+        for key, value in LEAN_SESSION.items():
+            so.add_session_config_entry(key, value)
     kwargs = {"file_name": file_name} if file_name else {}
     return ORTModelForCausalLM.from_pretrained(str(out), session_options=so, **kwargs)
 
@@ -133,22 +152,42 @@ class Tally:
     q_seconds: float = 0.0
 
 
-def check_prompt(t: Tally, lang: str, enc: dict[str, Any], models: tuple[Any, Any, Any],
-                 dtype: str, tolerance: float | None, max_new: int, eos: list[int],
-                 pad: int) -> float:
-    """Compare one prompt on (transformers, fp graph, int8 graph or None); returns the fp
-    graph's max |logit diff|."""
+@dataclass
+class Reference:
+    """One prompt's transformers side: the encoded prompt, its full-sequence logits and its
+    greedy continuation with the per-step logits (kept so the model can be freed)."""
+
+    lang: str
+    enc: dict[str, Any]
+    ids: list[int]
+    logits: Any
+    tokens: list[int]
+    steps: Any
+
+
+def reference(pt: Any, lang: str, enc: dict[str, Any], max_new: int, eos: list[int],
+              pad: int) -> Reference:
+    """Run one prompt through the transformers model: logits and a greedy continuation."""
     import torch
 
-    pt, fp, q = models
-    ids = enc["input_ids"][0].tolist()
     with torch.inference_mode():
         ref = pt(**enc).logits[0].float()
+    tokens, steps = greedy(pt, enc, max_new, eos, pad)
+    return Reference(lang, enc, enc["input_ids"][0].tolist(), ref, tokens, steps)
+
+
+def check_prompt(t: Tally, r: Reference, fp: Any, dtype: str, tolerance: float | None,
+                 max_new: int, eos: list[int], pad: int) -> float:
+    """Compare one prompt's reference with the fp graph; returns its max |logit diff|."""
+    import torch
+
+    lang, enc, ids, ref = r.lang, r.enc, r.ids, r.logits
+    with torch.inference_mode():
         got = fp(**enc).logits[0].float()
     tol = tolerance_for(dtype, tolerance, float(ref.abs().max()))
     diff = max_abs_diff(ref, got)
     t.fp.add_logits(ids, ref, got)
-    ref_new, ref_steps = greedy(pt, enc, max_new, eos, pad)
+    ref_new, ref_steps = r.tokens, r.steps
     new, steps = greedy(fp, enc, max_new, eos, pad)
     step_tol = tolerance_for(dtype, tolerance, float(ref_steps.abs().max()))
     g = compare_generation(ref_new, ref_steps, new, steps,
@@ -164,15 +203,15 @@ def check_prompt(t: Tally, lang: str, enc: dict[str, Any], models: tuple[Any, An
     d["tolerance"] = min(d["tolerance"], tol)
     d["prompts"] += 1
     d["generations_equal"] += int(g["equal"])
-    if q is not None:
-        _check_int8(t, lang, enc, ids, ref, ref_new, q, max_new, eos, pad)
     return diff
 
 
-def _check_int8(t: Tally, lang: str, enc: dict[str, Any], ids: list[int], ref: Any,
-                ref_new: list[int], q: Any, max_new: int, eos: list[int], pad: int) -> None:
+def check_int8(t: Tally, r: Reference, q: Any, max_new: int, eos: list[int],
+               pad: int) -> None:
+    """Compare one prompt's reference with the int8 graph."""
     import torch
 
+    lang, enc, ids, ref, ref_new = r.lang, r.enc, r.ids, r.logits, r.tokens
     t0 = time.perf_counter()
     with torch.inference_mode():
         ql = q(**enc).logits[0].float()

@@ -1,9 +1,10 @@
 """``export_onnx``: a checkpoint to an optimum ONNX folder, with an optional int8 graph.
 
 optimum's ``main_export`` (task ``text-generation-with-past``) writes into a temporary sibling
-of the output; the graph is checked with ``onnx.checker``, optionally quantized, every file is
-hashed into ``lens_merge_export.json``, and the folder is renamed into place
-(``lens_merge.files.atomic_dir``).
+of the output; the graph is checked with ``onnx.checker``, optionally quantized (those steps
+run in a child process, ``_child.run_in_child``: the memory they hold goes back to the system
+before verification), every file is hashed into ``lens_merge_export.json``, and the folder is
+renamed into place (``lens_merge.files.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -126,23 +127,42 @@ def _opset(graph: Path) -> int | None:
     return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _export_into(src: Path, tmp: Path, dtype: str, quantize: str | None, int8_method: str,
-                 info: dict[str, Any], bar: Any) -> dict[str, Any]:
-    """Export, check, quantize and record into the (temporary) folder ``tmp``."""
+def export_graph(src: str, tmp: str, dtype: str, quantize: str | None, int8_method: str,
+                 model_type: str) -> dict[str, Any]:
+    """Export, check and (optionally) quantize into ``tmp``: the part that runs in a child
+    process (``_child.JOBS``); JSON in, JSON out.
+
+    Returns:
+        ``export_seconds``, ``external`` (the graph has external data) and ``quant`` (the
+        int8 options and seconds, or None).
+    """
     import onnx
 
-    export_s = _run_exporter(src, tmp, dtype, info["model_type"])
-    graph = tmp / GRAPH
-    bar.advance()
+    src_p, tmp_p = Path(src), Path(tmp)
+    export_s = _run_exporter(src_p, tmp_p, dtype, model_type)
+    graph = tmp_p / GRAPH
     onnx.checker.check_model(str(graph))  # path form: works for external data too
-    external = any(p.name.startswith(GRAPH + "_data") for p in tmp.iterdir())
-    bar.advance()
+    external = any(p.name.startswith(GRAPH + "_data") for p in tmp_p.iterdir())
     quant: dict[str, Any] | None = None
     if quantize == "int8":
         t1 = time.perf_counter()
-        opts = quantize_int8(graph, tmp / INT8_GRAPH, external, int8_method)
-        onnx.checker.check_model(str(tmp / INT8_GRAPH))
+        opts = quantize_int8(graph, tmp_p / INT8_GRAPH, external, int8_method)
+        onnx.checker.check_model(str(tmp_p / INT8_GRAPH))
         quant = {"file": INT8_GRAPH, **opts, "seconds": round(time.perf_counter() - t1, 3)}
+    return {"export_seconds": export_s, "external": external, "quant": quant}
+
+
+def _export_into(src: Path, tmp: Path, dtype: str, quantize: str | None, int8_method: str,
+                 info: dict[str, Any], bar: Any) -> dict[str, Any]:
+    """Export, check, quantize (in a child process) and record into the folder ``tmp``."""
+    from lens_merge.export.onnx._child import run_in_child
+
+    got = run_in_child("export_graph", src=str(src), tmp=str(tmp), dtype=dtype,
+                       quantize=quantize, int8_method=int8_method,
+                       model_type=info["model_type"])
+    export_s, external, quant = got["export_seconds"], got["external"], got["quant"]
+    graph = tmp / GRAPH
+    for _ in range(2 + (quant is not None)):  # export, checker, quantize
         bar.advance()
     files = files_record(tmp)
     fp_bytes = graph_bytes(GRAPH, files)

@@ -17,10 +17,12 @@ from lens_merge.errors import VerificationError
 from lens_merge.export.onnx._compare import (
     TOLERANCES,
     Tally,
+    check_int8,
     check_prompt,
     encode,
     geometry_problem,
     load_ort,
+    reference,
 )
 from lens_merge.export.onnx._record import (
     GRAPH,
@@ -89,6 +91,7 @@ def verify_onnx(
     """
     import torch
 
+    from lens_merge.memory import release_memory
     from lens_merge.models import load_model, load_tokenizer, resolve_model
 
     require_optimum("ONNX verification")
@@ -102,32 +105,47 @@ def verify_onnx(
     items = parity_prompts(languages or None, prompts_per_language, prompts or None,
                            checkpoint=src)
     tok_ref, tok = load_tokenizer(src), load_tokenizer(out)
-    pt = load_model(src, "fp32")
-    fp = load_ort(out, None)  # what users get from from_pretrained(DIR)
-    problems = []
-    if fp.path.name != GRAPH:
-        problems.append(f"from_pretrained({out}) loads {fp.path.name}, not {GRAPH}")
-    geo = geometry_problem(fp)
-    if geo:  # generation would crash inside ORT: record the failure and stop here
-        problems.append(f"{geo}; the export cannot generate with its KV cache")
-        reports = [_stopped(out / GRAPH, src, dtype, problems)]
-        if quant:
-            reports.append(_stopped(out / quant["file"], src, "int8", ["not compared: " + geo]))
-        return _finish(out, rec, ParitySet(reports=reports), raise_on_failure)
-    q = load_ort(out, quant["file"]) if quant else None
-    eos = pt.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-
+    # one model in memory at a time: transformers first (its logits and greedy steps are
+    # kept), then the fp graph, then the int8 graph
     t = Tally()
-    with progress.task("onnx verify", total=len(items)) as bar:
+    with progress.task("onnx verify", total=(2 + bool(quant)) * len(items)) as bar:
+        pt = load_model(src, "fp32")
+        eos = pt.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        refs = []
         for lang, text in items:
             enc = encode(tok, text)
             if not torch.equal(enc["input_ids"], encode(tok_ref, text)["input_ids"]):
                 t.tok_mismatch += 1
-            diff = check_prompt(t, lang, enc, (pt, fp, q), dtype, tolerance, max_new_tokens,
-                                eos, pad)
+            refs.append(reference(pt, lang, enc, max_new_tokens, eos, pad))
+            bar.advance()
+        del pt
+        release_memory()
+        fp = load_ort(out, None)  # what users get from from_pretrained(DIR)
+        problems = []
+        if fp.path.name != GRAPH:
+            problems.append(f"from_pretrained({out}) loads {fp.path.name}, not {GRAPH}")
+        geo = geometry_problem(fp)
+        if geo:  # generation would crash inside ORT: record the failure and stop here
+            problems.append(f"{geo}; the export cannot generate with its KV cache")
+            reports = [_stopped(out / GRAPH, src, dtype, problems)]
+            if quant:
+                reports.append(_stopped(out / quant["file"], src, "int8",
+                                        ["not compared: " + geo]))
+            return _finish(out, rec, ParitySet(reports=reports), raise_on_failure)
+        for r in refs:
+            diff = check_prompt(t, r, fp, dtype, tolerance, max_new_tokens, eos, pad)
             bar.advance(max_abs=diff)
+        del fp
+        release_memory()
+        if quant:
+            q = load_ort(out, quant["file"])
+            for r in refs:
+                check_int8(t, r, q, max_new_tokens, eos, pad)
+                bar.advance()
+            del q
+            release_memory()
     seconds = time.perf_counter() - t0
     reports = [_fp_report(t, out, src, dtype, tolerance, max_new_tokens, changed, problems,
                           seconds - t.q_seconds)]
