@@ -84,6 +84,14 @@ class TrainConfig(_Strict):
         "at every English prompt token (mean over tokens); the base's come from a frozen copy "
         "of the top K blocks run on the cached inputs (generation continues from states like "
         "these, so this keeps English replies, not only their first token)")
+    lambda_kl_replies: Float = Field(
+        0.0, ge=0, le=MAX_WEIGHT, description="KL(base || lens) of the next-token distributions "
+        "at every position of the base's own greedy reply to each English training prompt "
+        "(teacher-forced; the replies are generated once with the cache, no response data): "
+        "keeps whole English replies, where the prompt-token terms keep only their start")
+    reply_tokens: Int = Field(32, gt=0, le=MAX_TOKENS, description="length of the base's "
+                              "English replies for lambda_kl_replies (eval's max_new_tokens "
+                              "is the natural choice)")
     align_anchor: Literal["trained", "reference"] = Field(
         "trained", description="what align pulls the targets' agnostic part toward: the "
         "trained English state (the paper) or the base's (align cannot move English)")
@@ -108,8 +116,11 @@ class EvalConfig(_Strict):
     batch_size: Int = Field(48, gt=0, le=MAX_BATCH,
                             description="prompts per generation batch (languages mixed): on a "
                             "CPU a decode step costs nearly the same for 8 or 48")
-    kl_prompts: Int | None = Field(None, gt=0, le=MAX_SAMPLES,
-                                   description="English prompts for the KL check")
+    kl_prompts: Int | None = Field(
+        None, gt=0, le=MAX_SAMPLES, description="held-out English prompts for the English "
+        "checks (KL, top-1 agreement, identical greedy replies): the eval rows' English and "
+        "more held-out rows up to this many (English only, so they cost little); default: "
+        "the eval rows")
     max_memory: Annotated[Int, Field(gt=0)] | Annotated[str, Field(pattern=SIZE)] | None = Field(
         None, description="bytes or a size ('2GB' = 2e9, '512MiB') for one eval batch's KV "
         "caches, logits and prefill: picks the batch (at most batch_size); default: half the "

@@ -106,6 +106,7 @@ def evaluate(
     steering_alphas: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
     steering_rows: int = 16,
     steering_tokens: int = 16,
+    english_extra: PromptSet | None = None,
 ) -> EvalResult:
     """Compare the base model with base+delta (and the steering baseline) on held-out prompts.
 
@@ -133,6 +134,9 @@ def evaluate(
         steering: add the steering baseline (``lens_merge.lens.steer``) as a third branch.
         steering_alphas, steering_rows, steering_tokens: its alpha grid, the training rows
             per language and reply tokens alpha is chosen with.
+        english_extra: more held-out English prompts (English only, none of ``prompts``'):
+            the English checks (KL, top-1 agreement, identical replies) run on ``prompts``'
+            English rows and these, so that one changed prompt is a smaller step than 1/16.
 
     Returns:
         ``EvalResult``: the report (what ``lens_report.json`` holds: per-language metrics per
@@ -154,6 +158,9 @@ def evaluate(
     if train_prompts is not None and not set(languages) <= set(train_prompts.languages):
         raise ConfigError(f"train_prompts: languages {list(train_prompts.languages)} lack some "
                           f"of the eval's {languages}")
+    if english_extra is not None and list(english_extra.languages) != languages[:1]:
+        raise ConfigError(f"english_extra: English prompts only ({languages[0]!r}); got "
+                          f"languages {list(english_extra.languages)}")
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device)
     blocks = LensBlocks(model, for_config(model.config.to_dict()), delta)
@@ -182,17 +189,25 @@ def evaluate(
                       "grid": chosen["grid"]}
     got, _ = measure(model, tok, blocks, prompts, max_length, batch_size, max_new_tokens,
                      chat_template, budget, progress, token_ids=token_ids, steer=vectors)
-    return build_report(prompts, delta, subspace, max_new_tokens, got, steer_info)
+    extra = None
+    if english_extra is not None and len(english_extra):
+        extra, _ = measure(model, tok, blocks, english_extra, max_length, batch_size,
+                           max_new_tokens, chat_template, budget, progress)
+    return build_report(prompts, delta, subspace, max_new_tokens, got, steer_info, extra)
 
 
 def build_report(prompts: PromptSet, delta: LensDelta, subspace: Subspace,
                  max_new_tokens: int, measured: dict[str, Measured],
-                 steering: dict[str, Any] | None = None) -> EvalResult:
+                 steering: dict[str, Any] | None = None,
+                 english_extra: dict[str, Measured] | None = None) -> EvalResult:
     """The report and mean states from the branches' measurements.
 
     Args:
         measured: ``base`` and ``lens`` (and ``steer``) measurements (``_generate.measure``).
         steering: how steering's alphas were chosen (``summary.steering``), when it ran.
+        english_extra: ``base`` and ``lens`` measurements of more English prompts, counted in
+            the English KL, top-1 and identical replies (steering leaves English prompts
+            unsteered: its branch takes the base's).
 
     Returns:
         ``EvalResult`` (see ``evaluate``).
@@ -233,21 +248,30 @@ def build_report(prompts: PromptSet, delta: LensDelta, subspace: Subspace,
     summary["lpr_ci"] = {b: pooled(b, "passed") for b in labels}
     summary["fidelity_ci"] = {b: pooled(b, "identified") for b in labels}
 
+    more = english_extra or {}
+
     def english(b: str) -> dict[str, Any]:
-        lb, lo = base.logits.double(), measured[b].logits.double()
+        parts = [(base, measured[b])]
+        if more:
+            parts.append((more["base"], more["lens" if b == "lens" else "base"]))
+        lb = torch.cat([x.logits.double() for x, _ in parts])
+        lo = torch.cat([y.logits.double() for _, y in parts])
         kl = torch.nn.functional.kl_div(torch.log_softmax(lo, -1), torch.log_softmax(lb, -1),
                                         log_target=True, reduction="none").sum(-1)
         top1 = int((lb.argmax(-1) == lo.argmax(-1)).sum())
-        same = sum(x == y for x, y in zip(base.reply_ids.get(en, []),
-                                          measured[b].reply_ids.get(en, []), strict=True))
-        n_rep = len(base.reply_ids.get(en, []))
-        return {"kl": float(kl.mean()), "kl_max": float(kl.max()), "top1": top1 / len(kl),
+        ids_b = [r for x, _ in parts for r in x.reply_ids.get(en, [])]
+        ids_o = [r for _, y in parts for r in y.reply_ids.get(en, [])]
+        same = sum(x == y for x, y in zip(ids_b, ids_o, strict=True))
+        n_rep = len(ids_b)
+        return {"n": len(kl), "kl": float(kl.mean()), "kl_max": float(kl.max()),
+                "top1": top1 / len(kl),
                 "top1_ci": list(wilson(top1, len(kl))),
                 "same": same / n_rep if n_rep else float("nan"),
                 "same_ci": list(wilson(same, n_rep)) if n_rep else None}
 
     e = english("lens")
-    summary |= {"english_kl": e["kl"], "english_kl_max": e["kl_max"],
+    summary |= {"english_prompts": e["n"],
+                "english_kl": e["kl"], "english_kl_max": e["kl_max"],
                 "english_top1_agreement": e["top1"], "english_top1_agreement_ci": e["top1_ci"],
                 "english_identical_replies": e["same"],
                 "english_identical_replies_ci": e["same_ci"],

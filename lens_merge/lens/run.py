@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lens_merge.config import Recipe
-from lens_merge.data import load_prompts
+from lens_merge.data import PromptSet, load_prompts
 from lens_merge.files import write_json_atomic
 from lens_merge.lens.evaluate import EvalResult, effect_summary, evaluate, write_report
 from lens_merge.lens.probe import Subspace, probe
@@ -62,7 +62,7 @@ def _shared_pass(recipe: Recipe, model_dir: Path, tok, texts: dict[str, list[str
 
     from lens_merge.lens.hidden import pool
     from lens_merge.lens.train.cache import build_cache
-    from lens_merge.lens.train.loop import cache_path_for
+    from lens_merge.lens.train.loop import cache_path_for, reply_tokens
     from lens_merge.lens.train.store import is_complete
 
     prompts = load_prompts(recipe.data.train, recipe.languages, split="train",
@@ -87,7 +87,8 @@ def _shared_pass(recipe: Recipe, model_dir: Path, tok, texts: dict[str, list[str
 
     cache = build_cache(model_dir, tok, prompts, recipe.train.top_k, recipe.data.max_length,
                         recipe.train.cache_batch_size, recipe.probe.chat_template,
-                        recipe.train.dtype, recipe.device, progress, observe)
+                        recipe.train.dtype, recipe.device, progress, observe,
+                        reply_tokens=reply_tokens(recipe.train))
     cache.save(path)
     return {lang: torch.stack([torch.cat(per_k[k]) for k in sorted(per_k)])[:, where[lang]]
             for lang, per_k in pooled.items()}
@@ -123,6 +124,13 @@ def run_eval(recipe: Recipe, delta: LensDelta, subspace: Subspace, out_dir: str 
     train_prompts = load_prompts(recipe.data.train, langs, split="train",
                                  max_samples=recipe.data.max_train_samples)
     ev = recipe.eval
+    english_extra = None
+    if ev.kl_prompts and ev.kl_prompts > len(prompts):
+        more = load_prompts(recipe.data.eval, langs[:1], split="heldout",
+                            max_samples=ev.kl_prompts)
+        seen = set(prompts.texts(langs[0]))
+        english_extra = PromptSet((langs[0],), tuple(r for r in more.rows
+                                                     if r[langs[0]] not in seen), more.source)
     result: EvalResult = evaluate(model_dir, delta, subspace, prompts,
                                   max_length=recipe.data.max_length,
                                   batch_size=ev.batch_size,
@@ -135,7 +143,8 @@ def run_eval(recipe: Recipe, delta: LensDelta, subspace: Subspace, out_dir: str 
                                   progress=progress, train_prompts=train_prompts,
                                   steering=ev.steering, steering_alphas=ev.steering_alphas,
                                   steering_rows=ev.steering_rows,
-                                  steering_tokens=ev.steering_tokens)
+                                  steering_tokens=ev.steering_tokens,
+                                  english_extra=english_extra)
     write_report(result, out_dir)
     return result.report
 

@@ -27,8 +27,12 @@ Stages (what the code holds at its peak; see each function):
   activations of a step (batch_size*L rows of T tokens) kept for backward in every trained
   block plus one block's worth of gradients; the frozen head [V, d] in st and the English
   rows' next-token log-probabilities for the KL term (``train.lambda_kl`` > 0; counted unless
-  the workload says it is off); on the host the base copy and the delta of the trained
-  tensors (fp32; plus the trained weights copied off a GPU) and the cache.
+  the workload says it is off); with the reply KL (``train.lambda_kl_replies``) the frozen
+  copy of the top K blocks, the reply rows' activations and their log-probabilities; on the
+  host the base copy and the delta of the trained tensors (fp32; plus the trained weights
+  copied off a GPU) and the cache. Building the cache with the reply KL first generates the
+  base's English replies with the whole model in sf (``replies_need``; freed before the
+  frozen pass, so the stage's peak is the larger of the two).
 - ``eval``: one model in se + the Lens copies of the top K blocks + the fp32 delta, and a
   generation batch (``lens_merge.lens._generate``): per row two KV caches (base and Lens)
   of N blocks for T+G positions, logits, the prefill's attention scores and MLP; the batch is
@@ -95,6 +99,7 @@ class Workload:
     train_batch: int = 1
     train_kl: bool = True  # the trainer holds the frozen head (train.lambda_kl > 0)
     train_kl_tokens: bool = False  # + a frozen copy of the top K blocks, per-token log-probs
+    train_replies: int = 0  # R, the base's English reply tokens (train.lambda_kl_replies > 0)
     cache_batch: int = 16
     probe_batch: int = 16
     eval_batch: int = 48
@@ -157,7 +162,25 @@ def cache_bytes(m: ModelShape, w: Workload) -> int:
     reference states (last token per language [rows, L, d], English mean [rows, d]) and the
     base's English next-token log-probabilities [rows, V] fp32."""
     stream = w.train_rows * w.languages * w.max_length * m.d * 4
-    return stream + w.train_rows * ((w.languages + 1) * m.d + m.vocab) * 4
+    replies = w.train_rows * ((w.max_length + w.train_replies) * m.d * 4 + 8) \
+        if w.train_replies else 0
+    return stream + replies + w.train_rows * ((w.languages + 1) * m.d + m.vocab) * 4
+
+
+def replies_need(m: ModelShape, w: Workload, gpu: bool) -> Need:
+    """The base's English replies (``train.lambda_kl_replies``): the whole model in sf,
+    ``cache_batch`` prompts at a time (KV cache of T+R positions, a step's logits)."""
+    sf, R = _bytes(w.train_dtype), w.train_replies
+    need = Need(note=f"base English replies, batch {w.cache_batch}")
+    need.device["~cuda context" if gpu else "~process"] = CUDA_CONTEXT if gpu else CPU_BASE
+    need.device["the whole model (replies)"] = m.params * sf
+    need.device["KV cache [batch, N, T+R] + step logits"] = w.cache_batch * (
+        m.n_layers * m.n_kv * m.head_dim * 2 * sf * (w.max_length + R) + m.vocab * 4 * 2)
+    if gpu:
+        need.host["~process"] = CUDA_HOST_BASE
+        need.host["one weight file read"] = \
+            m.largest_shard or min(m.params * m.dtype_bytes, 5 * GiB)
+    return need
 
 
 def frozen_pass(m: ModelShape, w: Workload, rows: int, batch: int, pooled_rows: int,
@@ -178,6 +201,11 @@ def frozen_pass(m: ModelShape, w: Workload, rows: int, batch: int, pooled_rows: 
     if gpu:
         need.host["~process"] = CUDA_HOST_BASE
         need.host["one tensor read (embeddings)"] = m.embed_params * m.dtype_bytes
+    if cache and w.train_replies:  # the replies come first, their model freed: the larger
+        gen = replies_need(m, w, gpu)
+        if gen.device_peak > need.device_peak:
+            gen.disk = need.disk
+            return gen
     return need
 
 
@@ -197,17 +225,24 @@ def train_need(m: ModelShape, w: Workload, gpu: bool) -> Need:
                 + (", bf16 copies)" if st < 4 else ")")] = n * per_param + m.d * 4
     need.device["~activations kept for backward"] = \
         rows * T * (w.top_k + 1) * token_train_bytes(m, T, st) + rows * T * m.d * 4
-    if w.train_kl or w.train_kl_tokens:  # English logits, log-probs, their grads, the base's
+    if w.train_kl or w.train_kl_tokens or w.train_replies:  # English log-probs, the base's
         need.device["frozen head [V, d] (KL term)"] = m.vocab * m.d * st
         need.device["~English next-token log-probs (KL term)"] = w.train_batch * m.vocab * 4 * 5
-    if w.train_kl_tokens:  # train.lambda_kl_tokens: the base's top K blocks and every token
+    if w.train_kl_tokens or w.train_replies:  # the base's top K blocks, frozen
         need.device["frozen copy of the top K blocks, fp32 (per-token KL)"] = n * 4
+    if w.train_kl_tokens:  # train.lambda_kl_tokens: every English token
         need.device["~English log-probs at every token (per-token KL)"] = \
             w.train_batch * T * m.vocab * 4 * 5
+    if w.train_replies:  # train.lambda_kl_replies: prompt + reply rows, R positions' log-probs
+        R = w.train_replies
+        need.device["~activations of the English reply rows"] = w.train_batch * (T + R) * (
+            w.top_k + 1) * token_train_bytes(m, T + R, st)
+        need.device["~log-probs at the reply positions (reply KL)"] = w.train_batch * R * \
+            m.vocab * 20
     side = need.host if gpu else need.device
     if gpu:
         side["~process"] = CUDA_HOST_BASE
-        if w.train_kl or w.train_kl_tokens:
+        if w.train_kl or w.train_kl_tokens or w.train_replies:
             side["one tensor read (head)"] = m.vocab * m.d * (m.dtype_bytes + st)
     side["base copy + delta of the top K blocks, fp32" + (" + trained copy" if gpu else "")] \
         = n * (12 if gpu else 8)

@@ -108,7 +108,9 @@ def _fidelity_tables(rep: dict) -> list[str]:
                      + " |")
     eb = [b for b in bs if b != "base"]
     sfx = {"steer": "_steer", "lens": ""}
-    lines += ["", "| English, vs the base | " + " | ".join(name[b] for b in eb) + " |",
+    n_en = s.get("english_prompts")
+    head = f"English ({n_en} held-out prompts), vs the base" if n_en else "English, vs the base"
+    lines += ["", f"| {head} | " + " | ".join(name[b] for b in eb) + " |",
               "|---" * (len(eb) + 1) + "|"]
     for label, key, pct in (("Next-token KL(base ‖ ·), mean", "english_kl", False),
                             ("Top-1 agreement", "english_top1_agreement", True),

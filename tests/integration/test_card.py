@@ -141,8 +141,13 @@ def test_card_fidelity_tables_from_a_v2_report(release):
             "| 12.5% / 12.5% / 12.5% | 0.0625 / 0.1250 / 0.1562 |") in text
     assert "| mean (targets) | 18.8% (10.0-60.0) | 37.5% (10.0-60.0) | 50.0% (10.0-60.0) |" \
         in text
-    assert "| English, vs the base | steering | Lens |" in text
+    assert "| English, vs the base | steering | Lens |" in text  # a report without the count
     assert "| Next-token KL(base ‖ ·), mean | 0.0000 | 0.0123 |" in text
+    rep = _report_v2(True)
+    rep["summary"]["english_prompts"] = 48
+    (release / "report" / "lens_report.json").write_text(json.dumps(rep))
+    assert "| English (48 held-out prompts), vs the base | steering | Lens |" in \
+        write_card(release).read_text()
     assert "| Top-1 agreement | 100.0% | 93.8% (70.0-99.0) |" in text
     assert "| Greedy replies identical to the base's | 100.0% | 81.2% (57.0-93.0) |" in text
     assert ("Not comparable at matched English KL (they differ by more than 0.0100 nats) and "

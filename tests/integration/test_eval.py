@@ -230,6 +230,31 @@ def test_eval_without_generation_equals_oracle(case):
     assert got.report["samples"] == {}
 
 
+def test_more_english_prompts_count_in_the_english_checks(case):
+    """english_extra: English-only rows join the English KL, top-1 and identical replies, with
+    the numbers an eval over all the rows gives; the target languages keep their rows."""
+    from lens_merge.data import PromptSet
+    from lens_merge.errors import ConfigError
+    from lens_merge.lens.evaluate import evaluate
+
+    d, delta, sub, held, _ = case("llama3")
+    few = PromptSet(held.languages, held.rows[:3], held.source)
+    more = PromptSet(("en",), tuple({"en": r["en"]} for r in held.rows[3:]), held.source)
+    kw = dict(max_length=64, batch_size=48, max_new_tokens=8)
+    whole = evaluate(d, delta, sub, held, **kw).report["summary"]
+    got = evaluate(d, delta, sub, few, english_extra=more, **kw).report
+    s = got["summary"]
+    assert s["english_prompts"] == len(held) == 7 and whole["english_prompts"] == 7
+    for k in ("english_kl", "english_kl_max", "english_top1_agreement",
+              "english_identical_replies"):
+        assert abs(s[k] - whole[k]) <= TOL, (k, s[k], whole[k])
+    assert got["n_prompts"] == 3  # LPR and the rest: the eval rows only
+    assert got["per_language"]["zh"] == evaluate(d, delta, sub, few, **kw).report[
+        "per_language"]["zh"]
+    with pytest.raises(ConfigError, match="English prompts only"):
+        evaluate(d, delta, sub, few, english_extra=few, **kw)
+
+
 def test_steering_versus_lens_at_matched_english_kl():
     from lens_merge.lens.steer import versus
 

@@ -237,6 +237,27 @@ def test_per_token_kl_adds_the_frozen_blocks_and_token_log_probs(monkeypatch):
     assert train.device_peak > base.device_peak + frozen + logp
 
 
+def test_reply_kl_adds_the_replies_pass_and_the_reply_rows(monkeypatch):
+    """train.lambda_kl_replies: the cache stage generates with the whole model first (the
+    larger of that and the frozen pass is its peak), the cache holds the reply streams, the
+    trainer the frozen blocks and the reply positions' log-probs."""
+    r = _paper(monkeypatch, memory="24GB", host_memory="64GB", config="llama3-8b")
+    p0 = plan_recipe(r)
+    p = plan_recipe(with_overrides(r, {"train.lambda_kl_replies": 1.0, "train.reply_tokens": 32}))
+    rows0, rows = ({s.name: s for s in q.stages} for q in (p0, p))
+    assert p.workload.train_replies == 32 and p0.workload.train_replies == 0
+    cache = rows["cache"]
+    assert cache.device_terms["the whole model (replies)"] == 8_030_261_248 * 2  # bf16
+    assert cache.device_peak > 16 * 10**9 and cache.fits  # still one 24 GB GPU
+    n = p.workload.train_rows
+    assert cache.cache_disk - rows0["cache"].cache_disk == n * ((128 + 32) * 4096 * 4 + 8)
+    train = rows["train"].device_terms
+    assert train["frozen copy of the top K blocks, fp32 (per-token KL)"] == 2 * 218_112_000 * 4
+    assert train["~log-probs at the reply positions (reply KL)"] == \
+        p.workload.train_batch * 32 * 128_256 * 20
+    assert rows["train"].device_peak > rows0["train"].device_peak and rows["train"].fits
+
+
 def test_default_recipe_has_adapters_and_one_model_rows(tmp_path, monkeypatch):
     """The default recipe's adapters row (PEFT, llama.cpp LoRA and control vector checks) and
     the one-model-at-a-time verify/onnx rows, on SmolLM2-135M's shape."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lens_merge.lens.train.replies import REPLY, greedy_replies, reply_batches
 from lens_merge.lens.train.store import pad_batch
 from lens_merge.progress import NULL, Progress
 
@@ -45,6 +46,11 @@ class LensCache:
     rows: list[int] | None = None          # global row ids held (None: 0..n-1)
     # [n, V] fp32 base log-probabilities at the last English token (None: not computed)
     ref_logp_en: torch.Tensor | None = None
+    # per row [T_i, d]: block-(N-K) input of the English prompt followed by the base's greedy
+    # reply without its last token, and the reply's length m_i (its last m_i positions
+    # produced the reply); None: no replies (``train.lambda_kl_replies`` = 0)
+    x_reply: list[torch.Tensor] | None = None
+    reply_len: list[int] | None = None
 
     def __len__(self) -> int:
         return self.ref_last.shape[0]
@@ -59,7 +65,9 @@ class LensCache:
 
         Returns:
             ``x`` [L*B, T, d], ``mask`` [L*B, T], ``ref_last`` [B, L, d],
-            ``ref_mean_en`` [B, d], ``ref_logp_en`` [B, V] (when held), ``index`` [B].
+            ``ref_mean_en`` [B, d], ``ref_logp_en`` [B, V] (when held), ``index`` [B];
+            with replies, ``x_reply`` [B, T', d], ``mask_reply`` [B, T'] and
+            ``reply_len`` [B].
         """
         import torch
 
@@ -71,6 +79,10 @@ class LensCache:
                "ref_mean_en": self.ref_mean_en[ix]}
         if self.ref_logp_en is not None:
             out["ref_logp_en"] = self.ref_logp_en[ix]
+        if self.x_reply is not None and self.reply_len is not None:
+            xr, mr = pad_batch([self.x_reply[j] for j in at])
+            out |= {"x_reply": xr, "mask_reply": mr,
+                    "reply_len": torch.tensor([self.reply_len[j] for j in at])}
         return out | {"index": torch.tensor(idx)}
 
     def save(self, path: str | Path) -> None:
@@ -102,6 +114,7 @@ def build_cache(
     progress: Progress = NULL,
     observe: Observe | None = None,
     rows: list[int] | None = None,
+    reply_tokens: int = 0,
 ) -> LensCache:
     """Stream the frozen model once over every prompt and keep what training needs.
 
@@ -122,6 +135,10 @@ def build_cache(
             consumer (the probe) can share this pass.
         rows: build only these rows (global indices into ``prompts``, kept in this order):
             one process's shard under ``accelerate launch``; None: every row.
+        reply_tokens: > 0: also generate the base's greedy English reply of at most this
+            many tokens to every row (``replies.greedy_replies``, the whole model loaded once
+            before the streamed pass) and keep the block-(N-K) input along prompt + reply
+            (``x_reply``, ``reply_len``), streamed in the same pass; 0: none.
 
     Returns:
         The cache; rows in prompt order (or ``rows``' order), the inputs ``x`` divided by
@@ -149,12 +166,25 @@ def build_cache(
         prompts = replace(prompts, rows=tuple(prompts.rows[r] for r in rows))
     batches = encode_batches(tokenizer, {lang: prompts.texts(lang) for lang in langs},
                              max_length, batch_size, chat_template)
+    reply_len: list[int] | None = None
+    if reply_tokens > 0:
+        pairs = greedy_replies(model_dir, tokenizer, prompts.texts(langs[0]), max_length,
+                               reply_tokens, chat_template, dtype, device, batch_size, progress)
+        reply_len = [len(r) for _, r in pairs]
+        batches += reply_batches(pairs, batch_size)
+    x_reply: list[torch.Tensor] = []
     xs: dict[str, list[torch.Tensor]] = {lang: [] for lang in langs}
     last: dict[str, list[torch.Tensor]] = {lang: [] for lang in langs}
     mean_en: list[torch.Tensor] = []
 
     def visit(k: int, i: int, h: torch.Tensor) -> None:
         lang, mask = batches[i].lang, batches[i].attention_mask.to(h.device)
+        if lang == REPLY:  # the English replies: only the stream entering block N-K
+            if k == first:
+                h_in = h.float() / input_scale
+                x_reply.extend(h_in[b, h_in.shape[1] - n:].clone().cpu()
+                               for b, n in enumerate(mask.sum(1).tolist()))
+            return
         if k == first:
             h_in = h.float() / input_scale
             for b, n in enumerate(mask.sum(1).tolist()):
@@ -171,8 +201,11 @@ def build_cache(
     ref_last = torch.stack([torch.cat(last[lang]) for lang in langs], 1)
     return LensCache(langs, first, xs, ref_last, torch.cat(mean_en),
                      {"n_rows": n_rows, "top_k": top_k, "max_length": max_length,
-                      "dtype": dtype or "stored"}, None if rows is None else list(rows),
-                     reference_log_probs(model_dir, ref_last[:, 0], dtype, device))
+                      "dtype": dtype or "stored", **({"reply_tokens": reply_tokens}
+                                                    if reply_tokens else {})},
+                     None if rows is None else list(rows),
+                     reference_log_probs(model_dir, ref_last[:, 0], dtype, device),
+                     x_reply if reply_len is not None else None, reply_len)
 
 
 def reference_log_probs(model_dir: str | Path, z: torch.Tensor, dtype: str | None = "fp32",

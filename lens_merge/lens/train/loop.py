@@ -21,7 +21,8 @@ from lens_merge.weights.checkpoint import Checkpoint, hash_entry
 from lens_merge.weights.delta import LensDelta
 
 LOG_NAME = "train_log.jsonl"
-SHOWN = ("loss", "retain", "separate", "align", "retain_last", "kl", "kl_tokens")  # bar
+SHOWN = ("loss", "retain", "separate", "align", "retain_last", "kl", "kl_tokens",  # bar
+         "kl_replies")
 
 
 @dataclass
@@ -41,7 +42,8 @@ def cache_key(model_dir: Path, prompts: PromptSet, cfg: TrainConfig, max_length:
 
     Key versions: 1 hashed the same fields for caches without the base's English
     log-probabilities (store format 1); 2 (today) for store format 2. The ``dtype`` field is
-    present only when it is not fp32, so fp32 keys kept the shape of the first version.
+    present only when it is not fp32, so fp32 keys kept the shape of the first version;
+    ``replies`` (the English reply length) only when the cache holds the base's replies.
     """
     ck = Checkpoint.open(model_dir)
     return canonical_hash({
@@ -51,7 +53,13 @@ def cache_key(model_dir: Path, prompts: PromptSet, cfg: TrainConfig, max_length:
         "max_length": max_length, "chat_template": chat_template, "version": 2,
         # the frozen pass runs in the training dtype; fp32 keys are those of earlier versions
         **({"dtype": cfg.dtype} if cfg.dtype != "fp32" else {}),
+        **({"replies": reply_tokens(cfg)} if reply_tokens(cfg) else {}),
     })
+
+
+def reply_tokens(cfg: TrainConfig) -> int:
+    """The English reply length the cache holds: ``cfg.reply_tokens`` when the reply KL is on."""
+    return cfg.reply_tokens if cfg.lambda_kl_replies else 0
 
 
 def cache_path_for(work_dir: str | Path, model_dir: Path, prompts: PromptSet, cfg: TrainConfig,
@@ -116,7 +124,7 @@ def train(
             model_dir, load_tokenizer(model_dir), prompts, cfg.top_k, max_length,
             cfg.cache_batch_size, chat_template, cfg.dtype, str(acc.device),
             progress if acc.is_main_process else NULL,
-            rows=None if acc.num_processes == 1 else rows))
+            rows=None if acc.num_processes == 1 else rows, reply_tokens=reply_tokens(cfg)))
     cache = DiskCache(cache_path)  # read per batch from the mapped shards
 
     # only the top K blocks, the final norm and the rotary embedding: fp32 master weights
@@ -137,12 +145,13 @@ def train(
     deltas = torch.stack([subspace.delta_of(lang) for lang in prompts.languages[1:]]).float()
     weights = LossWeights(cfg.lambda_retain, cfg.lambda_separate, cfg.lambda_align,
                           cfg.separate_scale, cfg.lambda_retain_last, cfg.lambda_kl,
-                          cfg.lambda_kl_tokens, cfg.align_anchor)
+                          cfg.lambda_kl_tokens, cfg.align_anchor, cfg.lambda_kl_replies)
     # the frozen head (tied: the embedding matrix), in the training dtype, only for the KL
     head = (load_head(model_dir, cfg.dtype, acc.device)
-            if cfg.lambda_kl or cfg.lambda_kl_tokens else None)
+            if cfg.lambda_kl or cfg.lambda_kl_tokens or cfg.lambda_kl_replies else None)
     # the base's top K blocks, frozen, for the per-token English KL reference
-    reference = _frozen_copy(stack, acc.device) if cfg.lambda_kl_tokens else None
+    reference = (_frozen_copy(stack, acc.device)
+                 if cfg.lambda_kl_tokens or cfg.lambda_kl_replies else None)
     g = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(list(range(len(cache))), batch_size=cfg.batch_size,
                                          shuffle=True, generator=g, collate_fn=cache.collate)
@@ -207,6 +216,7 @@ def train(
                              "align": cfg.lambda_align, "separate_scale": cfg.separate_scale,
                              "retain_last": cfg.lambda_retain_last, "kl": cfg.lambda_kl,
                              "kl_tokens": cfg.lambda_kl_tokens,
+                             "kl_replies": cfg.lambda_kl_replies,
                              "align_anchor": cfg.align_anchor},
             "hyperparameters": cfg.model_dump() | {"max_length": max_length,
                                                    "chat_template": chat_template,
@@ -299,7 +309,7 @@ def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device
                  head=None, reference=None):
     """Every loss term of one batch (``lens_losses``); ``head`` (a ``FrozenHead``) gives the
     KL term, which is absent without it; ``reference`` (the frozen base stack) with ``head``
-    gives the per-token English KL."""
+    gives the per-token English KL, and the reply KL when the batch holds replies."""
     x = batch["x"].to(device)
     mask = batch["mask"].to(device)
     ref_last = batch["ref_last"].to(device)
@@ -316,6 +326,22 @@ def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device
             with torch.no_grad():
                 kl["ref_logp_tokens"] = head.log_probs(reference(x[:B], mask[:B]))
             kl["logp_tokens"] = head.log_probs(h[:B])
+        if reference is not None and "x_reply" in batch:
+            kl |= _reply_log_probs(stack, reference, head, batch, device)
     return lens_losses(
         h[:B], mask[:B], z[0], z[1:].transpose(0, 1), batch["ref_mean_en"].to(device),
         ref_last[:, 1:], deltas.to(device), sub, weights, ref_z_en=ref_last[:, 0], **kl)
+
+
+def _reply_log_probs(stack, reference, head, batch, device) -> dict:
+    """Trained and base next-token log-probabilities [n, V] at the positions that produced
+    the base's English replies (only those go through the head)."""
+    import torch
+
+    from lens_merge.lens.train.replies import reply_positions
+
+    xr, mr = batch["x_reply"].to(device), batch["mask_reply"].to(device)
+    at = reply_positions(batch["mask_reply"], batch["reply_len"]).to(device)
+    with torch.no_grad():
+        ref = head.log_probs(reference(xr, mr)[at])
+    return {"logp_replies": head.log_probs(stack(xr, mr)[at]), "ref_logp_replies": ref}

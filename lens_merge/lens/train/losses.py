@@ -8,6 +8,9 @@ All state terms are MSE, mean over batch and hidden size:
 - retain_last: MSE(z_en^theta, z_en^ref), the state English replies are generated from
 - kl:          KL(base || lens) of the next-token distribution at the last English prompt
                token, mean over the batch (nats), through the frozen final norm and head
+- kl_tokens:   the same KL at every English prompt token (mean over tokens)
+- kl_replies:  the same KL at every position of the base's own greedy English replies
+               (teacher-forced), mean over positions
 
 A term whose weight is 0 is still returned (for the log) but never enters the total, so its
 gradient is not computed: with ``retain_last = kl = 0`` and ``align_anchor="trained"`` the
@@ -37,6 +40,7 @@ class LossWeights:
     kl: float = 0.0
     kl_tokens: float = 0.0
     align_anchor: AlignAnchor = "trained"
+    kl_replies: float = 0.0
 
 
 def lens_losses(
@@ -54,6 +58,8 @@ def lens_losses(
     ref_logp_en: torch.Tensor | None = None,
     logp_tokens: torch.Tensor | None = None,
     ref_logp_tokens: torch.Tensor | None = None,
+    logp_replies: torch.Tensor | None = None,
+    ref_logp_replies: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute every loss term and the weighted total.
 
@@ -75,6 +81,9 @@ def lens_losses(
         logp_tokens, ref_logp_tokens: [B, T, V] the trained model's and the base's
             log-probabilities at every English token; with both, ``kl_tokens`` (the KL
             averaged over the tokens ``mask_en`` marks; None: absent).
+        logp_replies, ref_logp_replies: [n, V] the trained model's and the base's
+            log-probabilities at the n positions that produced the base's English replies;
+            with both, ``kl_replies`` (mean over the positions; None: absent).
 
     Returns:
         dict with ``retain``, ``separate``, ``align``, ``retain_last`` and ``kl`` when their
@@ -118,7 +127,10 @@ def lens_losses(
                        reduction="none").sum(-1)  # [B, T]
         keep = mask_en.to(per.dtype)
         out["kl_tokens"] = (per * keep).sum() / keep.sum().clamp(min=1)
-    for name in ("retain_last", "kl", "kl_tokens"):
+    if logp_replies is not None and ref_logp_replies is not None:
+        out["kl_replies"] = F.kl_div(logp_replies.float(), ref_logp_replies.float(),
+                                     log_target=True, reduction="batchmean")
+    for name in ("retain_last", "kl", "kl_tokens", "kl_replies"):
         weight = getattr(w, name)
         if weight:
             if name not in out:

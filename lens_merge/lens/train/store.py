@@ -8,7 +8,9 @@ Layout of ``cache/<key16>/``:
   ``ref_last`` ``[rows, L, d]``, ``ref_mean_en`` ``[rows, d]``, ``ref_logp_en`` ``[rows, V]``
   fp32 (the base's next-token log-probabilities at the last English token, the whole
   vocabulary: V*4 bytes a row, a few percent of the row's stream for an 8B model with a 128k
-  vocabulary) and ``rows`` ``[rows]`` int64, the rows' global indices.
+  vocabulary) and ``rows`` ``[rows]`` int64, the rows' global indices. With the base's
+  English replies (``train.lambda_kl_replies``): ``x.reply``/``offsets.reply`` laid out as a
+  language (prompt + reply without its last token) and ``reply_len`` ``[rows]`` int64.
 - ``cache.json`` (:class:`CacheMeta`): the format version, the languages, the first block, the
   number of rows and, per shard, its file, its rows and the process that built it. It is
   written last: a folder is complete when it has one, and folders only appear by a rename
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 2
 META_NAME = "cache.json"
+REPLY_KEY = "reply"  # x.reply / offsets.reply: the English prompts with the base's replies
 
 
 class CacheRows(Protocol):
@@ -47,6 +50,8 @@ class CacheRows(Protocol):
     ref_mean_en: torch.Tensor
     meta: dict[str, Any]
     ref_logp_en: torch.Tensor | None
+    x_reply: list[torch.Tensor] | None
+    reply_len: list[int] | None
 
     def row_ids(self) -> list[int]: ...
 
@@ -94,8 +99,11 @@ def write_shard(cache: CacheRows, path: str | Path) -> None:
     from lens_merge.files import atomic_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for lang in cache.languages:
-        seqs = cache.x[lang]
+    streams = {lang: cache.x[lang] for lang in cache.languages}
+    if cache.x_reply is not None and cache.reply_len is not None:
+        streams[REPLY_KEY] = cache.x_reply
+        tensors["reply_len"] = torch.tensor(cache.reply_len, dtype=torch.int64)
+    for lang, seqs in streams.items():
         lens = torch.tensor([0] + [s.shape[0] for s in seqs], dtype=torch.int64)
         tensors[f"x.{lang}"] = torch.cat(seqs).float().contiguous()
         tensors[f"offsets.{lang}"] = lens.cumsum(0)
@@ -149,17 +157,25 @@ class DiskCache:
         m = read_meta(self.folder)
         self.languages, self.first_block, self.meta = m.languages, m.first_block, m.build
         self.n_rows, self.shards = m.n_rows, m.shards
-        self._files, self._offsets = [], []
+        self._files, self._offsets, self._reply_len = [], [], []
         self._where: dict[int, tuple[int, int]] = {}  # row -> (shard, position)
+        self.has_replies = bool(m.build.get("reply_tokens"))
+        streams = self.languages + ([REPLY_KEY] if self.has_replies else [])
         for s, sh in enumerate(m.shards):
             f = safe_open(str(self.folder / sh.file), framework="pt")
             rows = f.get_tensor("rows").tolist()
             if rows != sh.rows:
                 raise DataError(f"{self.folder / sh.file}: tensor 'rows' differs from "
                                 f"{META_NAME}'s rows for it; remove the folder to rebuild")
+            if self.has_replies and "reply_len" not in f.keys():  # noqa: SIM118 - safe_open
+                raise DataError(f"{self.folder / sh.file}: {META_NAME} says the cache holds "
+                                "English replies but the shard has no 'reply_len'; remove "
+                                "the folder to rebuild")
             self._files.append(f)
             self._offsets.append({lang: f.get_tensor(f"offsets.{lang}").tolist()
-                                  for lang in self.languages})
+                                  for lang in streams})
+            self._reply_len.append(f.get_tensor("reply_len").tolist()
+                                   if self.has_replies else [])
             for j, r in enumerate(rows):
                 self._where.setdefault(r, (s, j))
         missing = sorted(set(range(self.n_rows)) - set(self._where))
@@ -184,8 +200,8 @@ class DiskCache:
 
         Returns:
             ``x`` [L*B, T, d], ``mask`` [L*B, T], ``ref_last`` [B, L, d],
-            ``ref_mean_en`` [B, d], ``ref_logp_en`` [B, V], ``index`` [B] (as
-            ``LensCache.collate``).
+            ``ref_mean_en`` [B, d], ``ref_logp_en`` [B, V], ``index`` [B]; with replies
+            ``x_reply``, ``mask_reply``, ``reply_len`` (as ``LensCache.collate``).
         """
         import torch
 
@@ -193,7 +209,12 @@ class DiskCache:
         x, mask = pad_batch(seqs)
         refs = {k: torch.cat([self._ref(k, i) for i in idx])
                 for k in ("ref_last", "ref_mean_en", "ref_logp_en")}
-        return {"x": x, "mask": mask, **refs, "index": torch.tensor(idx)}
+        out = {"x": x, "mask": mask, **refs, "index": torch.tensor(idx)}
+        if self.has_replies:
+            xr, mr = pad_batch([self._x(REPLY_KEY, i) for i in idx])
+            lens = [self._reply_len[self._where[i][0]][self._where[i][1]] for i in idx]
+            out |= {"x_reply": xr, "mask_reply": mr, "reply_len": torch.tensor(lens)}
+        return out
 
 
 def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
