@@ -143,7 +143,7 @@ def test_training_moves_targets_and_writes_a_proper_delta(setup, tmp_path):
     assert delta.meta["languages"] == LANGS and delta.meta["top_k"] == 2
     assert delta.meta["loss_weights"] == {"retain": 1.0, "separate": 1.0, "align": 1.0,
                                           "separate_scale": 1.0, "retain_last": 0.0,
-                                          "kl": 0.0, "kl_tokens": 0.0,
+                                          "kl": 0.0, "kl_tokens": 0.0, "kl_replies": 0.0,
                                           "align_anchor": "trained"}
     assert delta.meta["final_losses"]["loss"] == pytest.approx(log[-1]["loss"])
     out = delta.save(tmp_path / "delta")
