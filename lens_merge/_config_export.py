@@ -7,7 +7,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lens_merge._config_base import MAX_BATCH, MAX_SAMPLES, MAX_WEIGHT, Float, Int, _Strict
+from lens_merge._config_base import (
+    MAX_BATCH,
+    MAX_SAMPLES,
+    MAX_TOKENS,
+    MAX_WEIGHT,
+    Float,
+    Int,
+    _Strict,
+)
 
 
 class GGUFConfig(_Strict):
@@ -31,6 +39,9 @@ class GGUFConfig(_Strict):
 
 class OnnxConfig(_Strict):
     enabled: bool = True
+    exporter: Literal["dynamo", "optimum"] = Field(
+        "dynamo", description="dynamo: torch's dynamo exporter, weights streamed to external "
+        "data (about one copy of the weights at peak); optimum: optimum's main_export")
     dtype: Literal["fp32", "fp16"] = "fp32"
     quantize: Literal["int8"] | None = "int8"
     int8_method: Literal["weight_only", "dynamic"] = Field(
@@ -81,6 +92,8 @@ class ControlVectorConfig(_Strict):
                                        "replies in the vector's language is measured; [] to skip")
     effect_prompts: Int = Field(8, gt=0, le=MAX_SAMPLES, description="held-out English "
                                 "prompts per language for the effect table")
+    effect_tokens: Int = Field(16, gt=0, le=MAX_TOKENS, description="greedy reply tokens "
+                               "per prompt in the effect table (16 name the language)")
 
     @field_validator("effect_scales")
     @classmethod

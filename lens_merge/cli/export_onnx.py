@@ -66,6 +66,9 @@ def onnx_cmd(
     int8_method: Annotated[str, typer.Option(
         "--int8-method", help="weight_only (8-bit MatMul weights, float activations) or "
         "dynamic (onnxruntime quantize_dynamic, int8 activations too).")] = "weight_only",
+    exporter: Annotated[str, typer.Option(
+        "--exporter", help="dynamo (torch's dynamo exporter, weights streamed to "
+        "model.onnx_data) or optimum (optimum's main_export; more memory).")] = "dynamo",
     verify: Annotated[bool, typer.Option("--verify", help="Compare ONNX Runtime with "
                                          "transformers (logits, greedy KV-cache generation); "
                                          "exit 1 on failure.")] = False,
@@ -80,7 +83,7 @@ def onnx_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
     = False,
 ) -> None:
-    """Export to ONNX (optimum, text-generation-with-past) with an optional int8 graph."""
+    """Export to ONNX (optimum's text-generation-with-past graph) with an optional int8 graph."""
     from pydantic import ValidationError
 
     from lens_merge.cli._common import err_console, progress
@@ -89,12 +92,13 @@ def onnx_cmd(
     from lens_merge.export.onnx import export_onnx, verify_onnx
 
     try:
-        opts = OnnxConfig(dtype=dtype, quantize=quantize, verify=verify)
+        opts = OnnxConfig(dtype=dtype, quantize=quantize, verify=verify, exporter=exporter)
     except ValidationError as exc:
         raise ConfigError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())) \
             from None
     rec = export_onnx(checkpoint, out, dtype=opts.dtype, quantize=opts.quantize,
-                      overwrite=overwrite, progress=progress(), int8_method=int8_method)
+                      overwrite=overwrite, progress=progress(), int8_method=int8_method,
+                      exporter=opts.exporter)
     _print_export(rec, out)
     if not opts.verify:
         return

@@ -142,7 +142,8 @@ def _control_vectors(ctx: Context, cfg: Any) -> tuple[list, dict]:
     if cfg.effect_scales:
         effect = {lang: control_vector_effect(
             base_gguf, paths[lang], lang, scales=tuple(cfg.effect_scales),
-            checkpoint=ctx.recipe.base, n_prompts=cfg.effect_prompts, progress=ctx.progress)
+            checkpoint=ctx.recipe.base, n_prompts=cfg.effect_prompts,
+            max_new_tokens=cfg.effect_tokens, progress=ctx.progress)
             for lang in langs}
         write_json_atomic(ctx.p("cv_effect"), {"kind": "control_vector_effect",
                                                "scales": list(cfg.effect_scales),

@@ -289,7 +289,8 @@ def _onnx_run(ctx: Context) -> dict:
 
     o = ctx.recipe.export.onnx
     export_onnx(ctx.p("model"), ctx.p("onnx"), dtype=o.dtype, quantize=o.quantize,
-                int8_method=o.int8_method, overwrite=True, progress=ctx.progress)
+                int8_method=o.int8_method, exporter=o.exporter, overwrite=True,
+                progress=ctx.progress)
     if not o.verify:
         return {}
     res = _checked(ctx.p("onnx_verify"), lambda: verify_onnx(

@@ -1,10 +1,13 @@
-"""ONNX export through optimum-onnx, int8 quantization, and parity checks in ONNX Runtime.
+"""ONNX export (torch's dynamo exporter, or optimum-onnx's), int8 quantization, and parity
+checks in ONNX Runtime.
 
 - ``compat``: ``check_exportable`` (exporter model types, KV-cache geometry that
   ``ORTModelForCausalLM`` can feed).
-- ``export``: ``export_onnx(checkpoint, out_dir, dtype, quantize, ...)``: optimum's
-  ``main_export`` (task ``text-generation-with-past``), optional ``model_int8.onnx``, the
-  provenance file ``lens_merge_export.json``, written atomically.
+- ``export``: ``export_onnx(checkpoint, out_dir, dtype, quantize, ..., exporter)``: the graph
+  of optimum's task ``text-generation-with-past`` (``exporter="dynamo"``: torch's dynamo
+  exporter on a flat-KV wrapper, ``_dynamo``, weights streamed to ``model.onnx_data``;
+  ``"optimum"``: optimum's ``main_export``), optional ``model_int8.onnx``, the provenance
+  file ``lens_merge_export.json`` (``options.exporter``), written atomically.
 - ``quantize``: the int8 copy (``weight_only`` MatMulNBits, or ``dynamic``).
 - ``verify``: ``verify_onnx(checkpoint, out_dir, ...)`` -> ``records.ParitySet`` (fp graph,
   plus int8), stored in the provenance file; ``onnx_verification_status(dir)`` reads it back.
@@ -30,12 +33,13 @@ from lens_merge.export.onnx.compat import (
     model_cache_geometry,
     ort_cache_geometry,
 )
-from lens_merge.export.onnx.export import DTYPES, export_onnx
+from lens_merge.export.onnx.export import DTYPES, EXPORTERS, export_onnx
 from lens_merge.export.onnx.quantize import INT8_METHODS, QUANTIZE, quantize_int8
 from lens_merge.export.onnx.verify import TOLERANCES, verify_onnx
 
 __all__ = [
     "DTYPES",
+    "EXPORTERS",
     "FORMAT",
     "GRAPH",
     "INT8_GRAPH",

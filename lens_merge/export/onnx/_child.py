@@ -1,9 +1,10 @@
-"""The exporter's heavy steps in a fresh Python process.
+"""The exporter's heavy steps, each in a fresh Python process.
 
-optimum's exporter (TorchScript under it) holds the model, the traced and constant-folded
-weights, the ONNX protobuf and its serialized bytes at once, and the process keeps much of it
-after it returns. Run in a child, all of it goes back to the system when the child exits, so
-the verification that follows starts from a bare process. The child's own peak RSS is passed
+An exporter holds the model and the graph's weights (optimum's TorchScript path: the ONNX
+protobuf and its serialized bytes too), and the process keeps much of it after it returns;
+the int8 quantizer loads the whole graph. Run in children (export, then quantize), each gives
+its memory back to the system when it exits: neither meets the other's copy, and the
+verification that follows starts from a bare process. The child's own peak RSS is passed
 to ``lens_merge.memory.note_child_peak``: a stage's reported peak includes it.
 
 ``run_in_child(job, **kwargs)`` runs one of ``JOBS`` (JSON in, JSON out) and returns its
@@ -24,7 +25,8 @@ from typing import Any
 from lens_merge.errors import ExportError
 
 # job name -> "module:function"; the function takes and returns JSON-able values
-JOBS = {"export_graph": "lens_merge.export.onnx.export:export_graph"}
+JOBS = {"export_graph": "lens_merge.export.onnx.export:export_graph",
+        "quantize_graph": "lens_merge.export.onnx.export:quantize_graph"}
 
 
 def run_in_child(job: str, **kwargs: Any) -> Any:

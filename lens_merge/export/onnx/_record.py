@@ -31,7 +31,13 @@ class ExportedFile(BaseModel):
 
 
 class ExportRecord(BaseModel):
-    """``lens_merge_export.json`` (extra keys kept: ``tool``, ``source``, timings)."""
+    """``lens_merge_export.json`` (extra keys kept: ``tool``, ``source``, timings).
+
+    ``options`` holds ``task``, ``exporter`` (``dynamo`` or ``optimum``; absent from records
+    written before the dynamo exporter, which all came from optimum: ``record_exporter``),
+    ``dtype``, ``quantize``, ``device``, ``opset``, ``external_data``, ``kv_heads`` and
+    ``head_dim``.
+    """
 
     model_config = ConfigDict(extra="allow")
 
@@ -42,6 +48,12 @@ class ExportRecord(BaseModel):
     files: dict[str, ExportedFile] = Field(default_factory=dict)
     quantized: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
+
+
+def record_exporter(rec: dict[str, Any]) -> str:
+    """The exporter that wrote a record's graph (``optimum`` for records that predate the
+    ``exporter`` option)."""
+    return str((rec.get("options") or {}).get("exporter", "optimum"))
 
 
 def files_record(root: Path) -> dict[str, dict[str, Any]]:

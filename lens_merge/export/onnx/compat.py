@@ -14,7 +14,8 @@ from typing import Any
 from lens_merge.errors import ExportError, ModelError
 
 TASK = "text-generation-with-past"
-_VERSION_PACKAGES = ("optimum", "optimum-onnx", "onnx", "onnxruntime")
+_VERSION_PACKAGES = ("optimum", "optimum-onnx", "onnx", "onnxruntime", "torch", "onnxscript",
+                     "onnx-ir")
 
 
 def versions() -> dict[str, str]:
@@ -30,11 +31,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def require_optimum(what: str) -> None:
-    """Raise unless optimum-onnx, onnx and onnxruntime are importable.
+def require_optimum(what: str, dynamo: bool = False) -> None:
+    """Raise unless optimum-onnx, onnx and onnxruntime (and, for the dynamo exporter,
+    onnxscript) are importable.
 
     Args:
         what: the operation that needs them (named in the error).
+        dynamo: also require onnxscript (torch's dynamo exporter translates with it).
 
     Raises:
         ExportError: naming the extra to install.
@@ -44,6 +47,9 @@ def require_optimum(what: str) -> None:
     if any(importlib.util.find_spec(m) is None for m in ("optimum", "onnx", "onnxruntime")):
         raise ExportError(f"{what} needs optimum-onnx and onnxruntime "
                           "(pip install 'lens-merge[onnx]')")
+    if dynamo and importlib.util.find_spec("onnxscript") is None:
+        raise ExportError(f"{what} with the dynamo exporter needs onnxscript (pip install "
+                          "'lens-merge[onnx]'), or choose exporter 'optimum'")
 
 
 def exporter_model_types() -> list[str]:

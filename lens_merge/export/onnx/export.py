@@ -1,10 +1,17 @@
-"""``export_onnx``: a checkpoint to an optimum ONNX folder, with an optional int8 graph.
+"""``export_onnx``: a checkpoint to an optimum-style ONNX folder, with an optional int8 graph.
 
-optimum's ``main_export`` (task ``text-generation-with-past``) writes into a temporary sibling
-of the output; the graph is checked with ``onnx.checker``, optionally quantized (those steps
-run in a child process, ``_child.run_in_child``: the memory they hold goes back to the system
-before verification), every file is hashed into ``lens_merge_export.json``, and the folder is
-renamed into place (``lens_merge.files.atomic_dir``).
+Two exporters write the same folder (``model.onnx``, configs, tokenizer; optimum's IO names):
+
+- ``dynamo`` (default): torch's dynamo exporter on a flat-KV wrapper (``_dynamo``), weights
+  streamed to ``model.onnx_data``; peak about the model plus one weight at a time.
+- ``optimum``: optimum's ``main_export`` (task ``text-generation-with-past``, TorchScript),
+  which holds three copies of the initializers at once below 2 GB.
+
+The export runs in a temporary sibling of the output; the graph is checked with
+``onnx.checker``, optionally quantized (those steps run in a child process,
+``_child.run_in_child``: the memory they hold goes back to the system before verification),
+every file is hashed into ``lens_merge_export.json``, and the folder is renamed into place
+(``lens_merge.files.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -32,9 +39,12 @@ from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import now_iso, tool_info
 
 DTYPES = ("fp32", "fp16")
+EXPORTERS = ("dynamo", "optimum")
 
 
-def _check_options(dtype: str, quantize: str | None, int8_method: str) -> None:
+def _check_options(dtype: str, quantize: str | None, int8_method: str, exporter: str) -> None:
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter {exporter!r} unknown; use one of {', '.join(EXPORTERS)}")
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} unknown; use one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE:
@@ -55,6 +65,7 @@ def export_onnx(
     overwrite: bool = False,
     progress: Progress = NULL,
     int8_method: str = "weight_only",
+    exporter: str = "dynamo",
 ) -> dict[str, Any]:
     """Export a checkpoint to an optimum ONNX folder (graph with KV cache, configs, tokenizer).
 
@@ -70,6 +81,9 @@ def export_onnx(
         progress: one tick per step (check, export, checker, quantize, provenance).
         int8_method: ``weight_only`` (MatMulNBits 8-bit weights, float activations) or
             ``dynamic`` (``quantize_dynamic``: int8 weights and run-time uint8 activations).
+        exporter: ``dynamo`` (torch's dynamo exporter, weights streamed to external data) or
+            ``optimum`` (optimum's ``main_export``, TorchScript; about 1 GB more at peak on
+            the default model).
 
     Returns:
         The provenance record written to ``out_dir/lens_merge_export.json``.
@@ -79,7 +93,7 @@ def export_onnx(
     """
     from lens_merge.models import resolve_model
 
-    _check_options(dtype, quantize, int8_method)
+    _check_options(dtype, quantize, int8_method, exporter)
     out = Path(out_dir).expanduser()
     src = resolve_model(checkpoint)
     check_output(out, {"checkpoint": src})
@@ -87,33 +101,42 @@ def export_onnx(
     cleanup_stale_temps(out)
     if exists(out) and not overwrite:
         raise ExportError(f"{out}: already exists (pass overwrite=True / --overwrite)")
-    require_optimum("ONNX export")
+    require_optimum("ONNX export", dynamo=exporter == "dynamo")
     steps = 4 + (quantize is not None)
     with progress.task(f"onnx export {src.name}", total=steps) as bar:
         info = check_exportable(src)
         bar.advance()
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            record = _export_into(src, tmp, dtype, quantize, int8_method, info, bar)
+            record = _export_into(src, tmp, (dtype, quantize, int8_method, exporter), info, bar)
         bar.advance()
     return record
 
 
-def _run_exporter(src: Path, tmp: Path, dtype: str, model_type: str) -> float:
-    """optimum's ``main_export`` into ``tmp``; returns its seconds."""
-    from optimum.exporters.onnx import main_export
-
+def _run_exporter(src: Path, tmp: Path, dtype: str, model_type: str,
+                  exporter: str = "dynamo") -> float:
+    """``exporter`` (``dynamo``, or optimum's ``main_export``) into ``tmp``; returns seconds."""
     t0 = time.perf_counter()
+    what = "torch dynamo" if exporter == "dynamo" else "optimum"
     try:
         with warnings.catch_warnings():
-            # the TorchScript tracer warns about every Python branch in transformers' cache and
-            # mask code; the graph is verified against PyTorch instead of trusted on warnings
-            warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers)\.")
+            # the tracers warn about every Python branch in transformers' cache and mask
+            # code; the graph is verified against PyTorch instead of trusted on warnings
+            warnings.filterwarnings("ignore", category=Warning,
+                                    module=r"(torch|transformers|onnxscript|copyreg)\b")
             warnings.filterwarnings("ignore", message=r".*torch_dtype.* is deprecated")
-            main_export(str(src), output=str(tmp), task=TASK, dtype=dtype, device="cpu",
-                        do_validation=False, library_name="transformers", local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises anything; name the model
-        raise ExportError(f"{src}: optimum ONNX export ({model_type}, {TASK}, {dtype}) "
-                          f"failed: {type(exc).__name__}: {exc}") from exc
+            if exporter == "dynamo":
+                from lens_merge.export.onnx._dynamo import export_dynamo
+
+                export_dynamo(src, tmp, dtype)
+            else:
+                from optimum.exporters.onnx import main_export
+
+                main_export(str(src), output=str(tmp), task=TASK, dtype=dtype, device="cpu",
+                            do_validation=False, library_name="transformers",
+                            local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the exporters raise anything; name the model
+        raise ExportError(f"{src}: {what} ONNX export ({model_type}, {TASK}, {dtype}) "
+                          f"failed: {type(exc).__name__}: {str(exc)[:2000]}") from exc
     if not (tmp / GRAPH).is_file():
         raise ExportError(f"{tmp}: the exporter wrote no {GRAPH} "
                           f"(found: {', '.join(sorted(p.name for p in tmp.iterdir()))})")
@@ -127,43 +150,63 @@ def _opset(graph: Path) -> int | None:
     return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def export_graph(src: str, tmp: str, dtype: str, quantize: str | None, int8_method: str,
-                 model_type: str) -> dict[str, Any]:
-    """Export, check and (optionally) quantize into ``tmp``: the part that runs in a child
-    process (``_child.JOBS``); JSON in, JSON out.
+def export_graph(src: str, tmp: str, dtype: str, model_type: str,
+                 exporter: str = "dynamo") -> dict[str, Any]:
+    """Export and check into ``tmp``: a child process's job (``_child.JOBS``); JSON in and out.
 
     Returns:
-        ``export_seconds``, ``external`` (the graph has external data) and ``quant`` (the
-        int8 options and seconds, or None).
+        ``export_seconds``, ``external`` (the graph has external data) and ``peak_rss``
+        (this process's peak, bytes).
     """
     import onnx
 
+    from lens_merge.memory import own_peak_rss
+
     src_p, tmp_p = Path(src), Path(tmp)
-    export_s = _run_exporter(src_p, tmp_p, dtype, model_type)
-    graph = tmp_p / GRAPH
-    onnx.checker.check_model(str(graph))  # path form: works for external data too
+    export_s = _run_exporter(src_p, tmp_p, dtype, model_type, exporter)
+    onnx.checker.check_model(str(tmp_p / GRAPH))  # path form: works for external data too
     external = any(p.name.startswith(GRAPH + "_data") for p in tmp_p.iterdir())
-    quant: dict[str, Any] | None = None
-    if quantize == "int8":
-        t1 = time.perf_counter()
-        opts = quantize_int8(graph, tmp_p / INT8_GRAPH, external, int8_method)
-        onnx.checker.check_model(str(tmp_p / INT8_GRAPH))
-        quant = {"file": INT8_GRAPH, **opts, "seconds": round(time.perf_counter() - t1, 3)}
-    return {"export_seconds": export_s, "external": external, "quant": quant}
+    return {"export_seconds": export_s, "external": external, "peak_rss": own_peak_rss()}
 
 
-def _export_into(src: Path, tmp: Path, dtype: str, quantize: str | None, int8_method: str,
+def quantize_graph(tmp: str, external: bool, int8_method: str) -> dict[str, Any]:
+    """``model_int8.onnx`` from ``tmp/model.onnx``, checked: a child process's job of its own,
+    so the quantizer's copy of the graph never meets the exporter's model in one process.
+
+    Returns:
+        The int8 options (``quantize_int8``), ``file``, ``seconds`` and ``peak_rss``.
+    """
+    import onnx
+
+    from lens_merge.memory import own_peak_rss
+
+    t1 = time.perf_counter()
+    tmp_p = Path(tmp)
+    opts = quantize_int8(tmp_p / GRAPH, tmp_p / INT8_GRAPH, external, int8_method)
+    onnx.checker.check_model(str(tmp_p / INT8_GRAPH))
+    return {"file": INT8_GRAPH, **opts, "seconds": round(time.perf_counter() - t1, 3),
+            "peak_rss": own_peak_rss()}
+
+
+def _export_into(src: Path, tmp: Path, opts: tuple[str, str | None, str, str],
                  info: dict[str, Any], bar: Any) -> dict[str, Any]:
-    """Export, check, quantize (in a child process) and record into the folder ``tmp``."""
+    """Export and check, then quantize (each in a child process), and record into the
+    folder ``tmp``; ``opts`` is (dtype, quantize, int8_method, exporter)."""
     from lens_merge.export.onnx._child import run_in_child
 
+    dtype, quantize, int8_method, exporter = opts
     got = run_in_child("export_graph", src=str(src), tmp=str(tmp), dtype=dtype,
-                       quantize=quantize, int8_method=int8_method,
-                       model_type=info["model_type"])
-    export_s, external, quant = got["export_seconds"], got["external"], got["quant"]
-    graph = tmp / GRAPH
-    for _ in range(2 + (quant is not None)):  # export, checker, quantize
+                       model_type=info["model_type"], exporter=exporter)
+    export_s, external = got["export_seconds"], got["external"]
+    peaks = {"export": got["peak_rss"]}
+    bar.advance(2)  # export, checker
+    quant: dict[str, Any] | None = None
+    if quantize == "int8":
+        quant = run_in_child("quantize_graph", tmp=str(tmp), external=external,
+                             int8_method=int8_method)
+        peaks["quantize"] = quant.pop("peak_rss")
         bar.advance()
+    graph = tmp / GRAPH
     files = files_record(tmp)
     fp_bytes = graph_bytes(GRAPH, files)
     if quant:
@@ -173,11 +216,13 @@ def _export_into(src: Path, tmp: Path, dtype: str, quantize: str | None, int8_me
         "format": FORMAT, "format_version": 1, "created": now_iso(),
         "tool": {**tool_info(), **versions()},
         "source": source_record(src),
-        "options": {"task": TASK, "dtype": dtype, "quantize": quantize, "device": "cpu",
+        "options": {"task": TASK, "exporter": exporter, "dtype": dtype, "quantize": quantize,
+                    "device": "cpu",
                     "opset": _opset(graph), "external_data": external,
                     "kv_heads": info["kv_heads"], "head_dim": info["head_dim"]},
         "graph": GRAPH, "graph_bytes": fp_bytes, "quantized": quant,
         "files": files, "export_seconds": round(export_s, 3),
+        "child_peak_rss": peaks,  # bytes, per child process (lens_merge.memory notes the max)
         "verification": None,  # a records.ParitySet dump once verify_onnx has run
     }
     write_json_atomic(tmp / PROVENANCE_FILE, record)

@@ -31,6 +31,7 @@ from lens_merge.export.onnx._record import (
     changed_files,
     graph_files,
     read_export_record,
+    record_exporter,
 )
 from lens_merge.export.onnx.compat import require_optimum
 from lens_merge.files import write_json_atomic
@@ -149,6 +150,7 @@ def verify_onnx(
     seconds = time.perf_counter() - t0
     reports = [_fp_report(t, out, src, dtype, tolerance, max_new_tokens, changed, problems,
                           seconds - t.q_seconds)]
+    reports[0].details["exporter"] = record_exporter(rec)
     if quant:
         reports.append(_int8_report(t, out, src, rec, changed))
     return _finish(out, rec, ParitySet(reports=reports), raise_on_failure)
