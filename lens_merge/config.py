@@ -109,6 +109,18 @@ class TrainConfig(_Strict):
     freeze_norms: bool = Field(False, description="keep every 1-D tensor (norms, biases) of "
                                "the top K blocks at the base's value: the delta is then "
                                "all-linear, so a LoRA adapter carries it exactly up to rank")
+    protect_english: Float | None = Field(
+        None, gt=0, le=1, description="keep the delta off the input directions of every "
+        "trained linear map that carry this share of the English inputs' energy (e.g. 0.99; "
+        "null-space projection after every step, lens/train/protect.py): English stays at "
+        "the base's output up to the energy left out; needs freeze_norms")
+
+    @model_validator(mode="after")
+    def _protect_needs_frozen_norms(self) -> TrainConfig:
+        if self.protect_english is not None and not self.freeze_norms:
+            raise ValueError("protect_english projects the linear weights' change only; norms "
+                             "and biases would still move English: set freeze_norms: true")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -140,6 +140,7 @@ def workload_of(recipe: Recipe) -> F.Workload:
         train_dtype=recipe.train.dtype, train_batch=recipe.train.batch_size,
         train_kl=recipe.train.lambda_kl > 0, train_kl_tokens=recipe.train.lambda_kl_tokens > 0,
         train_replies=(recipe.train.reply_tokens if recipe.train.lambda_kl_replies > 0 else 0),
+        train_protect=recipe.train.protect_english is not None,
         cache_batch=recipe.train.cache_batch_size, probe_batch=recipe.probe.batch_size,
         eval_batch=recipe.eval.batch_size,
         eval_budget=parse_size(budget, "eval.max_memory") if budget else None,

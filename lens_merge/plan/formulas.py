@@ -28,11 +28,12 @@ Stages (what the code holds at its peak; see each function):
   block plus one block's worth of gradients; the frozen head [V, d] in st and the English
   rows' next-token log-probabilities for the KL term (``train.lambda_kl`` > 0; counted unless
   the workload says it is off); with the reply KL (``train.lambda_kl_replies``) the frozen
-  copy of the top K blocks, the reply rows' activations and their log-probabilities; on the
-  host the base copy and the delta of the trained tensors (fp32; plus the trained weights
-  copied off a GPU) and the cache. Building the cache with the reply KL first generates the
-  base's English replies with the whole model in sf (``replies_need``; freed before the
-  frozen pass, so the stage's peak is the larger of the two).
+  copy of the top K blocks, the reply rows' activations and their log-probabilities; with
+  ``train.protect_english`` that copy, per block 3 [d, d] + 1 [f, f] fp32 input moments and
+  projector bases, one f64 eigh of [f, f]; on the host the base copy and the delta of the
+  trained tensors (fp32; plus the trained weights copied off a GPU) and the cache. The cache's
+  reply KL first generates the base's English replies with the whole model in sf
+  (``replies_need``; freed before the frozen pass: the stage's peak is the larger of the two).
 - ``eval``: one model in se + the Lens copies of the top K blocks + the fp32 delta, and a
   generation batch (``lens_merge.lens._generate``): per row two KV caches (base and Lens)
   of N blocks for T+G positions, logits, the prefill's attention scores and MLP; the batch is
@@ -63,25 +64,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lens_merge.plan.constants import (  # noqa: F401  (re-exported: formulas' names)
+    BENCH_TOKENS,
+    CPU_BASE,
+    CUDA_CONTEXT,
+    CUDA_HOST_BASE,
+    GGUF_BYTES,
+    GGUF_VERIFY_EXTRA,
+    VERIFY_BATCH,
+    VERIFY_PER_LANGUAGE,
+    VERIFY_TOKENS,
+    GiB,
+    MiB,
+)
 from lens_merge.plan.shapes import ModelShape
-
-GiB = 1 << 30
-MiB = 1 << 20
-# ~ Resident size of a lens-merge process before any model: Python, torch, transformers,
-# accelerate, a tokenizer (every stage on a tiny model measured 0.35-0.38 GiB).
-CPU_BASE = 400 * MiB
-# ~ CUDA context, cuBLAS workspace and the caching allocator's slack on the device, and the
-# host memory of a process that has initialized CUDA.
-CUDA_CONTEXT = 768 * MiB
-CUDA_HOST_BASE = 2 * GiB
-# ~ GGUF bytes per weight (K-quant mixes keep some tensors at 6 bits).
-GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
-              "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "q6_k": 210 / 256,
-              "q5_k_m": 0.72, "q4_k_m": 0.61}
-VERIFY_BATCH, VERIFY_TOKENS = 8, 64  # verify_fold's batch and prompt length
-VERIFY_PER_LANGUAGE = 2  # parity prompts per language of verify_fold and the PEFT check
-BENCH_TOKENS = 512  # ~ context of one lm-eval request (task-dependent)
-GGUF_VERIFY_EXTRA = 48  # tokens beyond the prompt in verify_gguf's context (G + 16)
 
 
 @dataclass(frozen=True)
@@ -100,6 +96,7 @@ class Workload:
     train_kl: bool = True  # the trainer holds the frozen head (train.lambda_kl > 0)
     train_kl_tokens: bool = False  # + a frozen copy of the top K blocks, per-token log-probs
     train_replies: int = 0  # R, the base's English reply tokens (train.lambda_kl_replies > 0)
+    train_protect: bool = False  # train.protect_english: English input moments, projectors
     cache_batch: int = 16
     probe_batch: int = 16
     eval_batch: int = 48
@@ -228,8 +225,11 @@ def train_need(m: ModelShape, w: Workload, gpu: bool) -> Need:
     if w.train_kl or w.train_kl_tokens or w.train_replies:  # English log-probs, the base's
         need.device["frozen head [V, d] (KL term)"] = m.vocab * m.d * st
         need.device["~English next-token log-probs (KL term)"] = w.train_batch * m.vocab * 4 * 5
-    if w.train_kl_tokens or w.train_replies:  # the base's top K blocks, frozen
+    if w.train_kl_tokens or w.train_replies or w.train_protect:  # the base's top K, frozen
         need.device["frozen copy of the top K blocks, fp32 (per-token KL)"] = n * 4
+    if w.train_protect:  # see the module doc
+        need.device["English input moments + projectors"] = 16 * m.f ** 2 + w.top_k * 8 * (
+            3 * m.d ** 2 + m.f ** 2)
     if w.train_kl_tokens:  # train.lambda_kl_tokens: every English token
         need.device["~English log-probs at every token (per-token KL)"] = \
             w.train_batch * T * m.vocab * 4 * 5

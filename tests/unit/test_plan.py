@@ -258,6 +258,23 @@ def test_reply_kl_adds_the_replies_pass_and_the_reply_rows(monkeypatch):
     assert rows["train"].device_peak > rows0["train"].device_peak and rows["train"].fits
 
 
+def test_english_protection_adds_moments_projectors_and_the_frozen_copy(monkeypatch):
+    """train.protect_english: the frozen base blocks, per block 3 [d, d] + 1 [f, f] fp32
+    moments and bases, one f64 eigh of [f, f]; the paper's 8B setup still fits 24 GB."""
+    r = _paper(monkeypatch, memory="24GB", host_memory="64GB", config="llama3-8b")
+    p0 = plan_recipe(r)
+    p = plan_recipe(with_overrides(r, {"train.protect_english": 0.99,
+                                       "train.freeze_norms": True}))
+    assert p.workload.train_protect and not p0.workload.train_protect
+    t0, t = ({s.name: s for s in q.stages}["train"] for q in (p0, p))
+    d, f = 4096, 14336
+    assert t.device_terms["English input moments + projectors"] == \
+        16 * f * f + 2 * 8 * (3 * d * d + f * f)
+    assert t.device_terms["frozen copy of the top K blocks, fp32 (per-token KL)"] == \
+        2 * 218_112_000 * 4
+    assert t.device_peak > t0.device_peak and t.fits
+
+
 def test_default_recipe_has_adapters_and_one_model_rows(tmp_path, monkeypatch):
     """The default recipe's adapters row (PEFT, llama.cpp LoRA and control vector checks) and
     the one-model-at-a-time verify/onnx rows, on SmolLM2-135M's shape."""

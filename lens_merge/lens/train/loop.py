@@ -100,6 +100,8 @@ def train(
     from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    from lens_merge.lens.train.protect import project_
+    from lens_merge.lens.train.protect import summary as protection_summary
     from lens_merge.lens.train.stack import load_head, load_top_stack
     from lens_merge.lens.train.store import DiskCache, is_complete
     from lens_merge.models import load_tokenizer
@@ -151,7 +153,10 @@ def train(
             if cfg.lambda_kl or cfg.lambda_kl_tokens or cfg.lambda_kl_replies else None)
     # the base's top K blocks, frozen, for the per-token English KL reference
     reference = (_frozen_copy(stack, acc.device)
-                 if cfg.lambda_kl_tokens or cfg.lambda_kl_replies else None)
+                 if cfg.lambda_kl_tokens or cfg.lambda_kl_replies or cfg.protect_english
+                 else None)
+    protection = _english_protection(cfg, stack, reference, cache, len(prompts.languages),
+                                     acc.device)
     g = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(list(range(len(cache))), batch_size=cfg.batch_size,
                                          shuffle=True, generator=g, collate_fn=cache.collate)
@@ -179,6 +184,8 @@ def train(
                             acc.clip_grad_norm_(params, cfg.max_grad_norm)
                         opt.step()
                         opt.zero_grad(set_to_none=True)
+                        if protection and acc.sync_gradients:
+                            project_(params, *protection)
                     for k, v in terms.items():
                         acc_terms.setdefault(k, []).append(v.detach())
                     step_rows += batch["index"].tolist()
@@ -223,6 +230,7 @@ def train(
                                                    "optimizer_steps": step,
                                                    "num_processes": acc.num_processes},
             "final_losses": last,
+            **({"english_protection": protection_summary(protection[1])} if protection else {}),
             "subspace_sha256": subspace.sha256,
             "data": {"source": prompts.source, "rows": len(prompts)},
         }
@@ -303,6 +311,22 @@ def _frozen_copy(stack, device):
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def _english_protection(cfg: TrainConfig, stack, reference, cache, languages: int, device):
+    """``(base weights by id, projectors by id)`` when ``cfg.protect_english``, else None:
+    the projectors from the English rows of the whole cache, run through the frozen base."""
+    if not cfg.protect_english:
+        return None
+    from lens_merge.lens.train.protect import english_projectors
+
+    n, bs = len(cache), cfg.batch_size
+    batches = (cache.collate(list(range(i, min(i + bs, n)))) for i in range(0, n, bs))
+    projectors = english_projectors(reference, stack, batches, languages,
+                                    cfg.protect_english, device)
+    ref = dict(reference.named_parameters())
+    base = {id(p): ref[name] for name, p in stack.named_parameters() if id(p) in projectors}
+    return base, projectors
 
 
 def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device,
