@@ -148,6 +148,7 @@ def workload_of(recipe: Recipe) -> F.Workload:
         gguf_outtypes=tuple(g.outtypes) if g else (), gguf_verify=bool(g and g.verify),
         onnx_dtype=o.dtype if o and o.enabled else None,
         onnx_quantize=bool(o and o.quantize), onnx_verify=bool(o and o.verify),
+        onnx_exporter=o.exporter if o else "dynamo",
         bench_dtype=b.dtype if b.tasks else None, bench_batch=_bench_batch(b.batch_size),
         lora_verify=bool(e.lora and e.lora.verify),
         gguf_lora=e.gguf_lora.outtype if e.gguf_lora and e.gguf_lora.verify else None,

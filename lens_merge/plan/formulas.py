@@ -48,10 +48,10 @@ Stages (what the code holds at its peak; see each function):
 - ``gguf`` (CPU, today's code): export holds one tensor (fp32, a converted copy, the encoded
   bytes); verification holds the checkpoint in fp32 in transformers and the GGUF mapped by
   llama.cpp, with its logits for every position.
-- ``onnx`` (CPU, ~): export in a child process (its peak counts): torch's TorchScript
-  exporter holds the model, the constant-folded weights, the protobuf and its serialized
-  bytes; verification holds one model at a time: PyTorch fp32 (with the kept logits and
-  greedy steps of every prompt), then each ONNX Runtime session (graph read + weights).
+- ``onnx`` (CPU, ~): export in a child (its peak counts): the dynamo exporter holds the
+  model and streams the weights out (optimum's path also the protobuf, its string and bytes);
+  verify holds one model at a time: PyTorch fp32 (with the kept logits and greedy steps of
+  every prompt), then each ONNX Runtime session (graph read + weights).
 - ``bench`` (recipe device, ~): lm-eval on one model in ``bench.dtype`` with the delta applied
   in place, and a batch's logits at up to ``BENCH_TOKENS`` tokens (fp32, with log-softmax).
 - ``adapters`` (CPU): the largest of its checks, each one model at a time: the PEFT check
@@ -107,6 +107,7 @@ class Workload:
     onnx_dtype: str | None = None
     onnx_quantize: bool = False
     onnx_verify: bool = True
+    onnx_exporter: str = "dynamo"  # export.onnx.exporter
     bench_dtype: str | None = None  # None: no bench stage
     bench_batch: int = 8
     lora_verify: bool = False  # the PEFT check of export.lora
@@ -342,15 +343,14 @@ def onnx_need(m: ModelShape, w: Workload) -> Need:
     so = 2 if w.onnx_dtype == "fp16" else 4
     need = Need(note="export in a child process; verify one model at a time")
     need.device["~process"] = CPU_BASE
-    # torch's TorchScript exporter (under optimum) holds the model, the constant-folded copy of
-    # the weights, the protobuf and its serialized bytes: the child peaks at 3.17-3.19 GB for
-    # SmolLM2-135M in fp32 (0.54 GB of weights) = the process + ~5x the weights; verification
-    # peaks at 1.95 GB (the fp32 session: 1.07 GB over the process)
-    export = 5 * m.params * so
+    # SmolLM2-135M fp32 (0.54 GB of weights): optimum's TorchScript path holds the model, the
+    # protobuf, its string and bytes (child 3.0 GB = the process + ~5x the weights); dynamo
+    # streams the weights (child 1.3 GB: ~2x); verification 1.7-1.95 GB
+    export = (5 if w.onnx_exporter == "optimum" else 2) * m.params * so
     # transformers fp32, then an ONNX Runtime session: the graph read and its weights
     verify = max(m.params * 4, 2 * m.params * so) if w.onnx_verify else 0
-    need.device["~max(export: ~5 copies; verify: PyTorch or one ONNX Runtime session)"] = \
-        max(export, verify)
+    need.device["~max(export: ~2 (optimum ~5) copies; verify: PyTorch or one ONNX Runtime "
+                "session)"] = max(export, verify)
     return need
 
 
