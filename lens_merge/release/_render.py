@@ -72,6 +72,13 @@ def _changes(info: dict) -> list[str]:
     shown = [f"{k} {hp[k]}" for k in keys if k in hp]
     if shown:
         lines.append("- **Training**: " + ", ".join(shown))
+    if (prot := d.get("english_protection")) and hp.get("protect_english"):
+        ranks = prot.get("protected_rank") or []
+        lines.append(f"- **English protection**: every weight change is kept off the input "
+                     f"directions holding {hp['protect_english'] * 100:g}% of the English inputs' "
+                     f"energy (null-space projection; {len(ranks)} input spaces, protected "
+                     f"ranks {min(ranks, default=0)}-{max(ranks, default=0)} of "
+                     f"{max(prot.get('input_dim') or [0])})")
     if data:
         lines.append(f"- **Data**: {data.get('rows', '?')} parallel prompts per language from "
                      f"`{data.get('source', '?')}` (prompts only, no responses)")

@@ -36,15 +36,15 @@ def test_targets_move_where_the_base_is_weak(report):
 
 
 def test_english_is_kept(report):
-    """Measured on all 48 held-out English prompts (eval.kl_prompts), with the reply KL: KL
-    0.016, top-1 45/48, 30/48 identical 32-token replies. Issue 13 asks for <= 0.01, >= 97% and
-    >= 80%, not reached; these bounds guard against a regression from there."""
+    """Issue 13's English bar, on all 48 held-out English prompts (eval.kl_prompts), with the
+    English protection (train.protect_english 0.9999): measured KL 0.000035, top-1 48/48, 42/48
+    identical 32-token replies."""
     s = report["summary"]
     assert s["english_prompts"] == 48
     assert s["english_lpr"]["lens"] >= s["english_lpr"]["base"]
-    assert s["english_kl"] <= 0.025
-    assert s["english_top1_agreement"] >= 0.9
-    assert s["english_identical_replies"] >= 0.5
+    assert s["english_kl"] <= 0.01
+    assert s["english_top1_agreement"] >= 0.97
+    assert s["english_identical_replies"] >= 0.8
 
 
 def test_steering_baseline_is_reported_beside_lens(report):

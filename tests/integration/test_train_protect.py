@@ -66,3 +66,18 @@ def test_protected_delta_leaves_english_and_moves_targets(setup, tmp_path):  # n
     assert rec["input_spaces"] == 8 and rec["energy_kept_out_min"] >= 0.99
     assert all(0 < r < d for r, d in zip(rec["protected_rank"], rec["input_dim"], strict=True))
     assert "english_protection" not in got["free"][2].meta
+
+
+def test_card_names_the_protection():
+    from lens_merge.release._render import _changes
+
+    delta = {"blocks": [28, 29], "top_k": 2, "tensors": {},
+             "hyperparameters": {"protect_english": 0.9999, "lr": 5e-4},
+             "english_protection": {"input_spaces": 8, "protected_rank": [310, 500, 577],
+                                    "input_dim": [576, 576, 1536]}}
+    text = "\n".join(_changes({"delta": delta, "num_layers": 30, "languages": ["en", "zh"]}))
+    assert ("**English protection**: every weight change is kept off the input directions "
+            "holding 99.99% of the English inputs' energy (null-space projection; 3 input "
+            "spaces, protected ranks 310-577 of 1536)") in text
+    assert "English protection" not in "\n".join(_changes(
+        {"delta": delta | {"english_protection": None}, "num_layers": 30, "languages": ["en"]}))
