@@ -69,6 +69,12 @@ def test_llama_layout_and_provenance(llama_export):
     assert rec["tool"]["optimum-onnx"] and rec["tool"]["onnxruntime"] and rec["tool"]["onnxscript"]
     assert rec["graph_bytes"] == sum(rec["files"][k]["bytes"] for k in ("model.onnx",
                                                                         "model.onnx_data"))
+    # each graph's external data is named as optimum's from_pretrained fetches it from the Hub
+    # (file_name + "_data"), onnxruntime's quantizer's "<graph>.data" renamed
+    assert "model_int8.onnx_data" in names and "model_int8.onnx.data" not in names
+    int8 = onnx.load(str(out / "model_int8.onnx"), load_external_data=False)
+    assert {e.value for t in int8.graph.initializer for e in t.external_data
+            if e.key == "location"} == {"model_int8.onnx_data"}
     for name in ("model.onnx", "model.onnx_data", "model_int8.onnx", "tokenizer.json"):
         assert rec["files"][name]["sha256"] == _sha256(out / name)
         assert rec["files"][name]["bytes"] == (out / name).stat().st_size

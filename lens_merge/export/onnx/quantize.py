@@ -67,6 +67,8 @@ def quantize_int8(src: str | Path, dst: str | Path, external: bool,
         with _quiet_root_logger():  # it logs a pre-processing hint on the root logger
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                              reduce_range=False, use_external_data_format=external)
+        if external:
+            _hub_data_name(Path(dst))
         return {"method": "dynamic", "tool": "onnxruntime.quantization.quantize_dynamic",
                 "weight_type": "QInt8", "per_channel": True, "activations": "uint8 dynamic"}
     import onnx
@@ -82,6 +84,23 @@ def quantize_int8(src: str | Path, dst: str | Path, external: bool,
                                          is_symmetric=True)
         quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
+    if external:
+        _hub_data_name(Path(dst))
     return {"method": "weight_only", "tool": "onnxruntime.quantization.matmul_nbits_quantizer."
             "MatMulNBitsQuantizer", "bits": 8, "block_size": 128, "symmetric": True,
             "activations": "float"}
+
+
+def _hub_data_name(graph: Path) -> None:
+    """Store the graph's external data as ``<graph>_data``, the name optimum's
+    ``ORTModel.from_pretrained`` downloads beside ``file_name`` from the Hub (it fetches
+    ``file_name + "_data"``), instead of onnxruntime's ``<graph>.data``."""
+    import onnx
+
+    old = graph.parent / (graph.name + ".data")
+    if not old.is_file():
+        return
+    model = onnx.load(str(graph))  # the int8 weights: a fraction of the fp32 graph's
+    onnx.save_model(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=graph.name + "_data", convert_attribute=True)
+    old.unlink()
