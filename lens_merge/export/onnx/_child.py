@@ -29,15 +29,15 @@ JOBS = {"export_graph": "lens_merge.export.onnx.export:export_graph",
         "quantize_graph": "lens_merge.export.onnx.export:quantize_graph"}
 
 
-def run_in_child(job: str, **kwargs: Any) -> Any:
-    """Run ``JOBS[job](**kwargs)`` in a fresh Python process and return its result.
+def run_in_child(job: str, **kwargs: Any) -> tuple[Any, int]:
+    """Run ``JOBS[job](**kwargs)`` in a fresh Python process.
 
     Args:
         job: a name of ``JOBS``.
         **kwargs: JSON-able arguments of the job.
 
     Returns:
-        The job's (JSON-able) result.
+        (the job's JSON-able result, the child's peak RSS in bytes; 0 when unknown).
 
     Raises:
         ExportError: an unknown job, the job's own ExportError, or a child that died (its
@@ -65,7 +65,7 @@ def run_in_child(job: str, **kwargs: Any) -> Any:
         tail = " | ".join(proc.stderr.strip().splitlines()[-5:])[-800:]
         raise ExportError(f"the {job} process exited with status {proc.returncode} and no "
                           f"result (killed for memory?): {tail or 'no output'}")
-    return out["result"]
+    return out["result"], int(out.get("peak_rss") or 0)
 
 
 def _main(argv: list[str]) -> int:

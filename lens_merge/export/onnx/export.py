@@ -155,18 +155,15 @@ def export_graph(src: str, tmp: str, dtype: str, model_type: str,
     """Export and check into ``tmp``: a child process's job (``_child.JOBS``); JSON in and out.
 
     Returns:
-        ``export_seconds``, ``external`` (the graph has external data) and ``peak_rss``
-        (this process's peak, bytes).
+        ``export_seconds`` and ``external`` (the graph has external data).
     """
     import onnx
-
-    from lens_merge.memory import own_peak_rss
 
     src_p, tmp_p = Path(src), Path(tmp)
     export_s = _run_exporter(src_p, tmp_p, dtype, model_type, exporter)
     onnx.checker.check_model(str(tmp_p / GRAPH))  # path form: works for external data too
     external = any(p.name.startswith(GRAPH + "_data") for p in tmp_p.iterdir())
-    return {"export_seconds": export_s, "external": external, "peak_rss": own_peak_rss()}
+    return {"export_seconds": export_s, "external": external}
 
 
 def quantize_graph(tmp: str, external: bool, int8_method: str) -> dict[str, Any]:
@@ -174,18 +171,15 @@ def quantize_graph(tmp: str, external: bool, int8_method: str) -> dict[str, Any]
     so the quantizer's copy of the graph never meets the exporter's model in one process.
 
     Returns:
-        The int8 options (``quantize_int8``), ``file``, ``seconds`` and ``peak_rss``.
+        The int8 options (``quantize_int8``), ``file`` and ``seconds``.
     """
     import onnx
-
-    from lens_merge.memory import own_peak_rss
 
     t1 = time.perf_counter()
     tmp_p = Path(tmp)
     opts = quantize_int8(tmp_p / GRAPH, tmp_p / INT8_GRAPH, external, int8_method)
     onnx.checker.check_model(str(tmp_p / INT8_GRAPH))
-    return {"file": INT8_GRAPH, **opts, "seconds": round(time.perf_counter() - t1, 3),
-            "peak_rss": own_peak_rss()}
+    return {"file": INT8_GRAPH, **opts, "seconds": round(time.perf_counter() - t1, 3)}
 
 
 def _export_into(src: Path, tmp: Path, opts: tuple[str, str | None, str, str],
@@ -195,16 +189,15 @@ def _export_into(src: Path, tmp: Path, opts: tuple[str, str | None, str, str],
     from lens_merge.export.onnx._child import run_in_child
 
     dtype, quantize, int8_method, exporter = opts
-    got = run_in_child("export_graph", src=str(src), tmp=str(tmp), dtype=dtype,
-                       model_type=info["model_type"], exporter=exporter)
+    got, export_peak = run_in_child("export_graph", src=str(src), tmp=str(tmp), dtype=dtype,
+                                     model_type=info["model_type"], exporter=exporter)
     export_s, external = got["export_seconds"], got["external"]
-    peaks = {"export": got["peak_rss"]}
+    peaks = {"export": export_peak}
     bar.advance(2)  # export, checker
     quant: dict[str, Any] | None = None
     if quantize == "int8":
-        quant = run_in_child("quantize_graph", tmp=str(tmp), external=external,
-                             int8_method=int8_method)
-        peaks["quantize"] = quant.pop("peak_rss")
+        quant, peaks["quantize"] = run_in_child("quantize_graph", tmp=str(tmp),
+                                                external=external, int8_method=int8_method)
         bar.advance()
     graph = tmp / GRAPH
     files = files_record(tmp)
