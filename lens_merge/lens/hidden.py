@@ -76,32 +76,60 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 @dataclass
 class EncodedBatch:
-    """One batch of prompts of one language, encoded (left padded, explicit positions)."""
+    """One batch of prompts of one language, encoded (left padded, explicit positions).
+
+    ``rows``: each row's index among its language's texts (``in_row_order`` puts per-batch
+    results back in that order); None: the batch holds no rows known by index.
+    """
 
     lang: str
     input_ids: torch.Tensor       # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor    # [B, T]
+    rows: tuple[int, ...] | None = None
 
     def to(self, device) -> EncodedBatch:
         return EncodedBatch(self.lang, self.input_ids.to(device),
-                            self.attention_mask.to(device), self.position_ids.to(device))
+                            self.attention_mask.to(device), self.position_ids.to(device),
+                            self.rows)
 
 
 def encode_batches(tokenizer, texts: Mapping[str, Sequence[str]], max_length: int,
-                   batch_size: int, chat_template: bool = True) -> list[EncodedBatch]:
+                   batch_size: int, chat_template: bool = True,
+                   by_length: bool = False) -> list[EncodedBatch]:
     """Encode every language's texts in batches of ``batch_size``, language by language.
 
+    Args:
+        by_length: group each language's rows by token length (shortest first), so a batch
+            pads little; ``EncodedBatch.rows`` says where each row came from.
+
     Returns:
-        The batches in order (language-major, rows in order within a language).
+        The batches, language-major (rows in order within a language unless ``by_length``).
     """
     out = []
     for lang, items in texts.items():
-        for chunk in batches(list(items), batch_size):
-            enc = encode(tokenizer, chunk, max_length, chat_template)
+        items = list(items)
+        order = list(range(len(items)))
+        if by_length:
+            enc = encode(tokenizer, items, max_length, chat_template)
+            n = enc["attention_mask"].sum(1).tolist()
+            order.sort(key=lambda i: (n[i], i))
+        for chunk in batches(order, batch_size):
+            enc = encode(tokenizer, [items[i] for i in chunk], max_length, chat_template)
             out.append(EncodedBatch(lang, enc["input_ids"], enc["attention_mask"],
-                                    enc["position_ids"]))
+                                    enc["position_ids"], tuple(chunk)))
     return out
+
+
+def in_row_order(batches: Sequence[EncodedBatch], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-batch results [B_i, ...] of one language's batches, concatenated in row order."""
+    import torch
+
+    rows = [r for b in batches for r in (b.rows or ())]
+    out = torch.cat(list(parts))
+    if len(rows) != len(out):
+        raise ValueError(f"{len(out)} results for {len(rows)} rows known by index")
+    return out[torch.tensor(rows).argsort()]
 
 
 def pooled_states(

@@ -60,7 +60,7 @@ def _shared_pass(recipe: Recipe, model_dir: Path, tok, texts: dict[str, list[str
     """
     import torch
 
-    from lens_merge.lens.hidden import pool
+    from lens_merge.lens.hidden import EncodedBatch, in_row_order, pool
     from lens_merge.lens.train.cache import build_cache
     from lens_merge.lens.train.loop import cache_path_for, reply_tokens
     from lens_merge.lens.train.store import is_complete
@@ -79,10 +79,15 @@ def _shared_pass(recipe: Recipe, model_dir: Path, tok, texts: dict[str, list[str
     if not where:
         return None
     pooled: dict[str, dict[int, list[torch.Tensor]]] = {lang: {} for lang in where}
+    seen: dict[str, list[EncodedBatch]] = {lang: [] for lang in where}
 
-    def observe(lang: str, k: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
-        if lang in pooled and k > 0:  # layer k-1: HF hidden_states[k]
-            pooled[lang].setdefault(k, []).append(
+    def observe(batch: EncodedBatch, k: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        if batch.lang not in pooled:
+            return
+        if k == 0:
+            seen[batch.lang].append(batch)
+        else:  # layer k-1: HF hidden_states[k]
+            pooled[batch.lang].setdefault(k, []).append(
                 pool(hidden, mask, recipe.probe.pooling).float().cpu())
 
     cache = build_cache(model_dir, tok, prompts, recipe.train.top_k, recipe.data.max_length,
@@ -90,8 +95,8 @@ def _shared_pass(recipe: Recipe, model_dir: Path, tok, texts: dict[str, list[str
                         recipe.train.dtype, recipe.device, progress, observe,
                         reply_tokens=reply_tokens(recipe.train))
     cache.save(path)
-    return {lang: torch.stack([torch.cat(per_k[k]) for k in sorted(per_k)])[:, where[lang]]
-            for lang, per_k in pooled.items()}
+    return {lang: torch.stack([in_row_order(seen[lang], per_k[k]) for k in sorted(per_k)])
+            [:, where[lang]] for lang, per_k in pooled.items()}
 
 
 def run_train(recipe: Recipe, subspace: Subspace, work_dir: str | Path,

@@ -6,7 +6,9 @@ batch and freed, then block 1, ... then the final norm (``stream``). Peak memory
 plus the activations of the prompts. The blocks are the model's own transformers modules (built
 on the meta device from the config, filled by ``lens_merge.weights.blocks.BlockLoader``), run
 with the masks, rotary embeddings and input scaling of the model's own forward in transformers
-4.57 (``run_blocks``), so every architecture in the tables is served by the same code.
+4.57 (``run_blocks``), so every architecture in the tables is served by the same code. Each
+batch runs the prompt prefix all its rows share (a chat template's system prompt) once, as a
+batch of one, and the rest of each row after it (``lens_merge.lens._rows``).
 
 A visitor sees what Hugging Face returns as ``hidden_states[k]`` for each batch: k = 0 is the
 input of block 0 (scaled embeddings), 1..N-1 the output of block k-1, N after the final norm.
@@ -34,19 +36,6 @@ def input_scale_of(config, arch) -> float:
     return config.hidden_size ** 0.5 if arch.input_scale == "sqrt_hidden" else 1.0
 
 
-def attention_kind(layer: nn.Module, config) -> str:
-    """``full_attention`` or ``sliding_attention``, as the model's forward picks the mask.
-
-    Layers with ``attention_type`` (Qwen2/3, Gemma2) name theirs; the others (Llama, Mistral,
-    Phi-3) use the sliding-window mask when the config sets ``sliding_window``.
-    """
-    kind = getattr(layer, "attention_type", None)
-    if kind:
-        return kind
-    return ("sliding_attention" if getattr(config, "sliding_window", None) is not None
-            else "full_attention")
-
-
 def run_blocks(layers: Sequence[nn.Module], h: torch.Tensor, mask: torch.Tensor,
                position_ids: torch.Tensor, config, rotary: nn.Module) -> torch.Tensor:
     """Run decoder blocks over ``h`` [B, T, d] as the model's forward does (no KV cache).
@@ -63,26 +52,17 @@ def run_blocks(layers: Sequence[nn.Module], h: torch.Tensor, mask: torch.Tensor,
         The output of the last block [B, T, d] (before the final norm).
     """
     import torch
-    from transformers.masking_utils import (
-        create_causal_mask,
-        create_sliding_window_causal_mask,
-    )
 
-    cache_position = torch.arange(h.shape[1], device=h.device)
-    make = {"full_attention": create_causal_mask,
-            "sliding_attention": create_sliding_window_causal_mask}
+    from lens_merge.lens._rows import attention_kind, block_mask, call_block
+
     masks: dict[str, torch.Tensor | None] = {}
     position_embeddings = rotary(h, position_ids)
     for layer in layers:
         kind = attention_kind(layer, config)
         if kind not in masks:
-            masks[kind] = make[kind](config=config, input_embeds=h, attention_mask=mask,
-                                     cache_position=cache_position, past_key_values=None,
-                                     position_ids=position_ids)
-        out = layer(h, attention_mask=masks[kind], position_ids=position_ids,
-                    past_key_values=None, use_cache=False, cache_position=cache_position,
-                    position_embeddings=position_embeddings)
-        h = out[0] if isinstance(out, tuple) else out
+            masks[kind] = block_mask(kind, config, h, mask, position_ids)
+        h = call_block(layer, h, masks[kind], position_ids, position_embeddings,
+                       torch.arange(h.shape[1], device=h.device))
     return h
 
 
@@ -117,6 +97,7 @@ def stream(
     import torch
 
     from lens_merge.architectures import for_config
+    from lens_merge.lens._rows import Rows, attention_kind
     from lens_merge.models import empty_model, torch_dtype
     from lens_merge.weights.blocks import BlockLoader
 
@@ -129,27 +110,27 @@ def stream(
     scale = input_scale_of(config, for_config(config.to_dict()))
     layers = decoder.layers
     n = len(layers)
-    batches = [b.to(device) for b in batches]
-    hs: list[torch.Tensor] = []
+    kinds = {attention_kind(layer, config) for layer in layers}
+    runs = [Rows(b.to(device), config, rotary, kinds, model.dtype) for b in batches]
 
     def embed_all(embed: nn.Module) -> None:
-        for i, b in enumerate(batches):
-            h = embed(b.input_ids)
+        for i, (b, run) in enumerate(zip(batches, runs, strict=True)):
+            h = embed(b.input_ids.to(device))
             if scale != 1.0:  # as Gemma2's forward: a tensor of the states' dtype
                 h = h * torch.tensor(scale, dtype=h.dtype)
-            hs.append(h)
+            run.start(h)
             visit(0, i, h)
 
     def block_all(k: int, layer: nn.Module) -> None:
-        for i, b in enumerate(batches):
-            hs[i] = run_blocks([layer], hs[i], b.attention_mask, b.position_ids, config, rotary)
+        for i, run in enumerate(runs):
+            run.block(layer)
             if k < n - 1:
-                visit(k + 1, i, hs[i])
+                visit(k + 1, i, run.hidden())
 
     def norm_all(norm: nn.Module) -> None:
-        for i in range(len(batches)):
-            hs[i] = norm(hs[i])
-            visit(n, i, hs[i])
+        for i, run in enumerate(runs):
+            run.norm(norm)
+            visit(n, i, run.hidden())
 
     parts = [(model.get_input_embeddings(), embed_all),
              *[(layer, lambda m, k=k: block_all(k, m)) for k, layer in enumerate(layers)],
@@ -186,9 +167,10 @@ def pooled_layer_states(
     """
     import torch
 
-    from lens_merge.lens.hidden import encode_batches, pool
+    from lens_merge.lens.hidden import encode_batches, in_row_order, pool
 
-    batches = encode_batches(tokenizer, texts, max_length, batch_size, chat_template)
+    batches = encode_batches(tokenizer, texts, max_length, batch_size, chat_template,
+                             by_length=True)
     masks = [b.attention_mask for b in batches]
     pooled: dict[int, list[torch.Tensor]] = {}
 
@@ -201,6 +183,7 @@ def pooled_layer_states(
     out: dict[str, torch.Tensor] = {}
     for lang in texts:
         rows = [i for i, b in enumerate(batches) if b.lang == lang]
-        out[lang] = torch.stack([torch.cat([pooled[k][i] for i in rows]) for k in
-                                 range(1, n + 1)])
+        out[lang] = torch.stack([in_row_order([batches[i] for i in rows],
+                                              [pooled[k][i] for i in rows])
+                                 for k in range(1, n + 1)])
     return out

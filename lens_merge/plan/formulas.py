@@ -15,11 +15,11 @@ of quantized GGUF files.
 
 Stages (what the code holds at its peak; see each function):
 
-- ``probe``/``cache``: the frozen pass streamed one block at a time in sf
-  (``lens_merge.lens.stream``): the larger of the embeddings and one block, the
-  states of every prompt [rows*L, T, d] in sf, one batch's working memory inside a block,
-  the probe's pooled states of every layer [N, rows*L, d] fp32; when it builds the cache,
-  the fp32 copy of the stream entering block N-K, the reference states [rows, L+1, d] and the
+- ``probe``/``cache``: the frozen pass streamed one block at a time in sf (``lens.stream``):
+  the larger of the embeddings and one block, the states [rows*L, T, d] and attention masks
+  [rows*L, T, T] of every prompt in sf, one batch's working memory inside a block, the
+  probe's pooled states of every layer [N, rows*L, d] fp32; when it builds the cache, the
+  fp32 copy of the stream entering block N-K, the reference states [rows, L+1, d] and the
   base's English next-token log-probabilities [rows, V] fp32 (the head, [V, d] in sf, is read
   after the blocks are freed, so it stays under the pass's peak).
 - ``train``: the top K blocks only, fp32 master weights: per trained parameter 4 (weights)
@@ -189,6 +189,7 @@ def frozen_pass(m: ModelShape, w: Workload, rows: int, batch: int, pooled_rows: 
     need.device["~cuda context" if gpu else "~process"] = CUDA_CONTEXT if gpu else CPU_BASE
     need.device["weights: max(embeddings, one block)"] = max(m.embed_params, m.block_params) * sf
     need.device["states of every prompt [rows*L, T, d]"] = rows * w.languages * T * m.d * sf
+    need.device["attention masks [rows*L, T, T]"] = rows * w.languages * T * T * sf
     need.device["~block working memory (one batch)"] = batch * T * token_infer_bytes(m, T, sf)
     if pooled_rows:
         need.device["pooled states fp32 [N, rows*L, d]"] = \
@@ -313,8 +314,7 @@ def verify_need(m: ModelShape, w: Workload) -> Need:
     need.device["one model (base + delta, then the folded one)"] = m.params * s
     need.device["delta fp32"] = w.top_k * m.block_params * 4
     need.device["kept logits of every prompt [prompts, 64, V] fp32"] = prompts * T * m.vocab * 4
-    need.device["logits of a batch [8, 64, V] (as returned, fp32, masked)"] = \
-        b * T * m.vocab * (s + 8)
+    need.device["batch logits [8, 64, V] (returned, fp32, masked)"] = b * T * m.vocab * (s + 8)
     need.device["~block working memory"] = b * T * token_infer_bytes(m, T, s)
     return need
 

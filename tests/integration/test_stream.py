@@ -66,8 +66,8 @@ def test_streamed_cache_equals_full_model_cache(model_of, family):
     prompts = load_prompts("default", LANGS, split="train", max_samples=5)
     scale = input_scale_of(model.config, for_config(model.config.to_dict()))
     for top_k in (2, model.config.num_hidden_layers):  # N-K = 2, and the embeddings (0)
-        want = full_model_cache(model, tok, prompts, top_k, 64, 2, input_scale=scale)
-        got = build_cache(path, tok, prompts, top_k, 64, batch_size=2)
+        want = full_model_cache(model, tok, prompts, top_k, 128, 2, input_scale=scale)
+        got = build_cache(path, tok, prompts, top_k, 128, batch_size=2)
         assert got.first_block == want.first_block
         for lang in LANGS:
             assert len(got.x[lang]) == len(want.x[lang]) == 5
@@ -119,27 +119,66 @@ def test_streamed_probe_equals_loaded_probe(model_of, family):
 
 
 def test_observe_sees_the_hf_hidden_states(model_of):
-    """``observe(lang, k, h, mask)`` gets HF ``hidden_states[k]`` for k = 0..N (Gemma2:
-    scaled embeddings at 0, the final norm at N)."""
+    """``observe(batch, k, h, mask)`` gets HF ``hidden_states[k]`` at every prompt token for
+    k = 0..N (Gemma2: scaled embeddings at 0, the final norm at N), for the batch's rows."""
     path = model_of("gemma2")
     tok = load_tokenizer(path)
     model = load_model(path)
     prompts = load_prompts("default", ["en", "zh"], split="train", max_samples=3)
-    seen: dict[tuple[str, int], torch.Tensor] = {}
+    seen: dict[tuple[str, int], tuple] = {}
 
-    def observe(lang, k, h, mask):
-        assert (lang, k) not in seen  # one batch per language here
-        seen[lang, k] = h.clone()
+    def observe(batch, k, h, mask):
+        assert (batch.lang, k) not in seen  # one batch per language here
+        seen[batch.lang, k] = (batch.rows, h.clone(), mask.bool())
 
     build_cache(path, tok, prompts, 2, 64, batch_size=3, observe=observe)
     n = model.config.num_hidden_layers
     for lang in ("en", "zh"):
-        enc = encode(tok, prompts.texts(lang), 64)
+        rows, _, mask = seen[lang, 0]
+        assert sorted(rows) == [0, 1, 2]
+        enc = encode(tok, [prompts.texts(lang)[r] for r in rows], 64)
+        assert torch.equal(enc["attention_mask"].bool(), mask)
         with torch.no_grad():
             hs = model(**enc, output_hidden_states=True, use_cache=False).hidden_states
         assert len(hs) == n + 1
         for k in range(n + 1):
-            assert _max_diff(seen[lang, k], hs[k]) <= 1e-5, (lang, k)
+            assert _max_diff(seen[lang, k][1][mask], hs[k][mask]) <= 1e-5, (lang, k)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma2-window6"])
+def test_rows_run_the_shared_prompt_prefix_once(model_of, family):
+    """The chat template's system prompt is run once per batch (a window shorter than the
+    batch keeps the rows whole), and the rows' states equal the whole rows'."""
+    from lens_merge.lens._rows import Rows, attention_kind
+    from lens_merge.lens.hidden import encode_batches
+    from lens_merge.lens.stream import run_blocks
+    from lens_merge.models import empty_model
+
+    path = model_of(family)
+    tok, model = load_tokenizer(path), load_model(path)
+    prompts = load_prompts("default", ["en", "ja"], split="train", max_samples=4)
+    batch = encode_batches(tok, {"ja": prompts.texts("ja")}, 256, 4, by_length=True)[0]
+    ids = [r[m.bool()].tolist()
+           for r, m in zip(batch.input_ids, batch.attention_mask, strict=True)]
+    common = next(i for i in range(len(ids[0])) if len({tuple(r[:i + 1]) for r in ids}) > 1)
+    config, decoder = model.config, model.base_model
+    kinds = {attention_kind(layer, config) for layer in decoder.layers}
+    rows = Rows(batch, config, decoder.rotary_emb, kinds, torch.float32)
+    if family.endswith("window6"):
+        assert rows.shared == 0
+    else:  # "<|im_start|>system ... <|im_start|>user\n"
+        assert rows.shared == common >= 20
+    assert empty_model(path).config.num_hidden_layers == len(decoder.layers)
+    scale = input_scale_of(config, for_config(config.to_dict()))
+    with torch.no_grad():
+        h = decoder.embed_tokens(batch.input_ids) * torch.tensor(scale)
+        rows.start(h)
+        for layer in decoder.layers:
+            rows.block(layer)
+        want = run_blocks(decoder.layers, h, batch.attention_mask, batch.position_ids, config,
+                          decoder.rotary_emb)
+    m = batch.attention_mask.bool()
+    assert _max_diff(rows.hidden()[m], want[m]) <= 1e-5
 
 
 @pytest.fixture

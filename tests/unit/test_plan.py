@@ -81,13 +81,14 @@ def test_formulas_by_hand():
     fp = F.frozen_pass(m, w, rows=3, batch=2, pooled_rows=3, cache=True, gpu=False).device
     assert fp["weights: max(embeddings, one block)"] == 2048 * 64 * 4
     assert fp["states of every prompt [rows*L, T, d]"] == 3 * 2 * 8 * 64 * 4
+    assert fp["attention masks [rows*L, T, T]"] == 3 * 2 * 8 * 8 * 4
     assert fp["pooled states fp32 [N, rows*L, d]"] == 4 * 3 * 2 * 64 * 4
     assert fp["training cache (fp32, until saved)"] == 39_168
     v = F.verify_need(m, w).device  # one model at a time, 2 prompts a language kept
     assert v["one model (base + delta, then the folded one)"] == 279_104 * 4
     assert "two models (base + delta, folded)" not in v
     assert v["kept logits of every prompt [prompts, 64, V] fp32"] == 2 * 2 * 64 * 2048 * 4
-    assert v["logits of a batch [8, 64, V] (as returned, fp32, masked)"] == 8 * 64 * 2048 * 12
+    assert v["batch logits [8, 64, V] (returned, fp32, masked)"] == 8 * 64 * 2048 * 12
     # eval, per row: KV caches of base and Lens 2 x (N Hkv hd x 2 x s x (T + G)), logits
     # 16 V, prefill T (3 H T 4 + (3 f + 8 d) s)
     assert F.eval_workspace(m, w, 3) == 3 * (

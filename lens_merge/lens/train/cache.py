@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     import torch
 
     from lens_merge.data import PromptSet
+    from lens_merge.lens.hidden import EncodedBatch
 
-Observe = Callable[[str, int, "torch.Tensor", "torch.Tensor"], None]  # (lang, k, hidden, mask)
+# (batch, k, hidden, mask): the batch's language and rows (``EncodedBatch.rows``)
+Observe = Callable[["EncodedBatch", int, "torch.Tensor", "torch.Tensor"], None]
 
 
 @dataclass
@@ -130,7 +132,8 @@ def build_cache(
         dtype: compute dtype of the frozen blocks (``fp32``/``bf16``/``fp16``; None: as
             stored); the cache itself is fp32.
         device: torch device of the pass.
-        observe: called as ``observe(lang, k, hidden, attention_mask)`` for every batch and
+        observe: called as ``observe(batch, k, hidden, attention_mask)`` for every prompt
+            batch (``EncodedBatch``: its language and rows; batches are length-sorted) and
             k = 0..N, with ``hidden`` the batch's HF ``hidden_states[k]``, so that another
             consumer (the probe) can share this pass.
         rows: build only these rows (global indices into ``prompts``, kept in this order):
@@ -149,7 +152,7 @@ def build_cache(
     from transformers import AutoConfig
 
     from lens_merge.architectures import for_config
-    from lens_merge.lens.hidden import encode_batches, pool
+    from lens_merge.lens.hidden import encode_batches, in_row_order, pool
     from lens_merge.lens.stream import input_scale_of, stream
 
     config = AutoConfig.from_pretrained(str(model_dir))
@@ -165,41 +168,43 @@ def build_cache(
             raise ValueError(f"rows {rows} are not all in 0..{n_rows - 1}")
         prompts = replace(prompts, rows=tuple(prompts.rows[r] for r in rows))
     batches = encode_batches(tokenizer, {lang: prompts.texts(lang) for lang in langs},
-                             max_length, batch_size, chat_template)
+                             max_length, batch_size, chat_template, by_length=True)
     reply_len: list[int] | None = None
     if reply_tokens > 0:
         pairs = greedy_replies(model_dir, tokenizer, prompts.texts(langs[0]), max_length,
                                reply_tokens, chat_template, dtype, device, batch_size, progress)
         reply_len = [len(r) for _, r in pairs]
-        batches += reply_batches(pairs, batch_size)
-    x_reply: list[torch.Tensor] = []
-    xs: dict[str, list[torch.Tensor]] = {lang: [] for lang in langs}
+        batches += reply_batches(pairs, batch_size, by_length=True)
+    # per language (and REPLY): (row, block-(N-K) input [T_i, d]); per batch: the last and
+    # English mean states; put back in row order after the pass (batches are length-sorted)
+    xs: dict[str, list[tuple[int, torch.Tensor]]] = {lang: [] for lang in [*langs, REPLY]}
     last: dict[str, list[torch.Tensor]] = {lang: [] for lang in langs}
     mean_en: list[torch.Tensor] = []
 
     def visit(k: int, i: int, h: torch.Tensor) -> None:
-        lang, mask = batches[i].lang, batches[i].attention_mask.to(h.device)
-        if lang == REPLY:  # the English replies: only the stream entering block N-K
-            if k == first:
-                h_in = h.float() / input_scale
-                x_reply.extend(h_in[b, h_in.shape[1] - n:].clone().cpu()
-                               for b, n in enumerate(mask.sum(1).tolist()))
-            return
+        b = batches[i]
+        lang, mask = b.lang, b.attention_mask.to(h.device)
         if k == first:
             h_in = h.float() / input_scale
-            for b, n in enumerate(mask.sum(1).tolist()):
-                xs[lang].append(h_in[b, h_in.shape[1] - n:].clone().cpu())
+            xs[lang].extend((r, h_in[j, h_in.shape[1] - n:].clone().cpu())
+                            for j, (r, n) in enumerate(zip(b.rows, mask.sum(1).tolist(),
+                                                           strict=True)))
+        if lang == REPLY:  # the English replies: only the stream entering block N-K
+            return
         if k == n_blocks:
             h_fin = h.float()
             last[lang].append(pool(h_fin, mask, "last").cpu())
             if lang == langs[0]:
                 mean_en.append(pool(h_fin, mask, "mean").cpu())
         if observe is not None:
-            observe(lang, k, h, mask)
+            observe(b, k, h, mask)
 
     stream(model_dir, batches, visit, dtype, device, progress, "cache (frozen blocks)")
-    ref_last = torch.stack([torch.cat(last[lang]) for lang in langs], 1)
-    return LensCache(langs, first, xs, ref_last, torch.cat(mean_en),
+    of = {lang: [b for b in batches if b.lang == lang] for lang in langs}
+    ref_last = torch.stack([in_row_order(of[lang], last[lang]) for lang in langs], 1)
+    x = {lang: [t for _, t in sorted(xs[lang], key=lambda rt: rt[0])] for lang in [*langs, REPLY]}
+    x_reply = x.pop(REPLY)
+    return LensCache(langs, first, x, ref_last, in_row_order(of[langs[0]], mean_en),
                      {"n_rows": n_rows, "top_k": top_k, "max_length": max_length,
                       "dtype": dtype or "stored", **({"reply_tokens": reply_tokens}
                                                     if reply_tokens else {})},

@@ -15,6 +15,7 @@ from lens_merge.errors import DataError
 from lens_merge.lens.probe import Subspace
 from lens_merge.lens.train.cache import build_cache
 from lens_merge.lens.train.losses import LossWeights, lens_losses
+from lens_merge.lens.train.store import own_columns
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import canonical_hash
 from lens_merge.weights.checkpoint import Checkpoint, hash_entry
@@ -333,27 +334,33 @@ def _step_losses(stack, batch, L: int, sub, deltas, weights: LossWeights, device
                  head=None, reference=None):
     """Every loss term of one batch (``lens_losses``); ``head`` (a ``FrozenHead``) gives the
     KL term, which is absent without it; ``reference`` (the frozen base stack) with ``head``
-    gives the per-token English KL, and the reply KL when the batch holds replies."""
+    gives the per-token English KL, and the reply KL when the batch holds replies.
+
+    Each language's rows run at their own length (the columns that are padding in every row
+    of the language are dropped: a batch pads to its longest language, Bengali's 96 tokens
+    against English's 51 on the default data)."""
+    import torch
+
     x = batch["x"].to(device)
     mask = batch["mask"].to(device)
     ref_last = batch["ref_last"].to(device)
     B = ref_last.shape[0]
-    h = stack(x, mask)  # [L*B, T, d]
-    z = h[:, -1, :].reshape(L, B, -1)
+    parts = [own_columns(x[i * B:(i + 1) * B], mask[i * B:(i + 1) * B]) for i in range(L)]
+    outs = [stack(xi, mi) for xi, mi in parts]  # [B, T_l, d] per language
+    z = torch.stack([h[:, -1, :] for h in outs])  # [L, B, d]
+    (x_en, mask_en), h_en = parts[0], outs[0]
     kl = {}
     if head is not None:
         kl = {"logp_en": head.log_probs(z[0]),
               "ref_logp_en": batch["ref_logp_en"].to(device)}
         if reference is not None:
-            import torch
-
             with torch.no_grad():
-                kl["ref_logp_tokens"] = head.log_probs(reference(x[:B], mask[:B]))
-            kl["logp_tokens"] = head.log_probs(h[:B])
+                kl["ref_logp_tokens"] = head.log_probs(reference(x_en, mask_en))
+            kl["logp_tokens"] = head.log_probs(h_en)
         if reference is not None and "x_reply" in batch:
             kl |= _reply_log_probs(stack, reference, head, batch, device)
     return lens_losses(
-        h[:B], mask[:B], z[0], z[1:].transpose(0, 1), batch["ref_mean_en"].to(device),
+        h_en, mask_en, z[0], z[1:].transpose(0, 1), batch["ref_mean_en"].to(device),
         ref_last[:, 1:], deltas.to(device), sub, weights, ref_z_en=ref_last[:, 0], **kl)
 
 

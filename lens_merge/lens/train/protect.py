@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lens_merge.lens.train.store import own_columns
+
 
 @dataclass
 class Projector:
@@ -100,7 +102,7 @@ def english_projectors(reference: nn.Module, stack: nn.Module, batches, language
         with torch.no_grad():
             for batch in batches:
                 b = batch["x"].shape[0] // languages
-                streams = [(batch["x"][:b], batch["mask"][:b])]
+                streams = [own_columns(batch["x"][:b], batch["mask"][:b])]
                 if "x_reply" in batch:
                     streams.append((batch["x_reply"], batch["mask_reply"]))
                 for x, mask in streams:

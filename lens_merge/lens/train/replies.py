@@ -101,23 +101,27 @@ def _cut(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
-def reply_batches(pairs: Sequence[tuple[list[int], list[int]]],
-                  batch_size: int) -> list[EncodedBatch]:
-    """Left-padded batches of ``prompt + reply[:-1]``, labelled ``REPLY``."""
+def reply_batches(pairs: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                  by_length: bool = False) -> list[EncodedBatch]:
+    """Left-padded batches of ``prompt + reply[:-1]``, labelled ``REPLY`` (``by_length``:
+    rows grouped by length; ``EncodedBatch.rows`` holds each row's index in ``pairs``)."""
     import torch
 
     from lens_merge.lens.hidden import EncodedBatch, batches, position_ids
 
     out = []
-    for chunk in batches(list(pairs), batch_size):
-        seqs = [p + r[:-1] for p, r in chunk]
+    order = list(range(len(pairs)))
+    if by_length:
+        order.sort(key=lambda i: (len(pairs[i][0]) + len(pairs[i][1]), i))
+    for chunk in batches(order, batch_size):
+        seqs = [pairs[i][0] + pairs[i][1][:-1] for i in chunk]
         T = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), T), dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
         for j, s in enumerate(seqs):
             ids[j, T - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[j, T - len(s):] = 1
-        out.append(EncodedBatch(REPLY, ids, mask, position_ids(mask)))
+        out.append(EncodedBatch(REPLY, ids, mask, position_ids(mask), tuple(chunk)))
     return out
 
 

@@ -229,3 +229,10 @@ def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x[j, T - s.shape[0]:] = s
         mask[j, T - s.shape[0]:] = 1
     return x, mask
+
+
+def own_columns(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows ``x`` [B, T, d] and ``mask`` [B, T] without the leading columns that
+    are padding in every row (positions count from each row's first token: unchanged)."""
+    t = max(int(mask.sum(1).max()), 1)
+    return x[:, -t:], mask[:, -t:]
