@@ -212,6 +212,27 @@ def language_share(
 ) -> dict[str, Any]:
     """Greedy llama.cpp replies to held-out prompts at each scale (0 = no vector first) and the
     share identified as ``language``; see ``control_vector.control_vector_effect``."""
+    return language_shares(gguf_model, {language: directions}, scales=scales,
+                           checkpoint=checkpoint, prompt_language=prompt_language,
+                           n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                           n_threads=n_threads, progress=progress)[language]
+
+
+def language_shares(
+    gguf_model: str | Path,
+    vectors: dict[str, dict[int, np.ndarray]],
+    *,
+    scales: Sequence[float],
+    checkpoint: str | Path | None = None,
+    prompt_language: str = "en",
+    n_prompts: int | None = None,
+    max_new_tokens: int = 32,
+    n_threads: int = 2,
+    progress: Progress = NULL,
+) -> dict[str, dict[str, Any]]:
+    """``language_share`` of several vectors ``{language: directions}`` with one model load:
+    the replies without a vector (scale 0) are generated once and count for every language.
+    """
     from lens_merge.data import load_prompts
     from lens_merge.export.gguf._engines import llama_greedy
     from lens_merge.lens.langid import identify
@@ -235,30 +256,38 @@ def language_share(
             small.close()
     llm = _llama.open_llama(gguf_model, max(len(i) for i in ids) + max_new_tokens + 16,
                             n_threads)
-    rows = []
+    steered = [float(s) for s in scales if float(s) != 0.0]
+    found: dict[tuple[str | None, float], tuple[list[str], list[str]]] = {}
     try:
         eos, n_layer = _llama.eos_ids(llm), _llama.n_layer_of(llm)
-        all_scales = [0.0] + [float(s) for s in scales if float(s) != 0.0]
-        with progress.task("control vector effect", total=len(all_scales) * len(ids)) as task:
-            for s in all_scales:
+        runs = [(None, 0.0)] + [(lang, s) for lang in vectors for s in steered]
+        with progress.task("control vector effect", total=len(runs) * len(ids)) as task:
+            for lang, s in runs:
                 _llama.set_control_vector(
                     llm, {k: (v * np.float32(s)).astype(np.float32)
-                          for k, v in directions.items()} if s else None, n_layer)
+                          for k, v in vectors[lang].items()} if lang else None, n_layer)
                 replies = []
                 for p in ids:
                     gen = [t for t in llama_greedy(llm, p, max_new_tokens, eos) if t not in eos]
                     replies.append(llm.detokenize(gen).decode("utf-8", errors="ignore"))
                     task.advance(1, scale=s)
-                found = [identify(r) for r in replies]
-                rows.append({"scale": s, "share_in_language": found.count(language) / len(found),
-                             "share_in_prompt_language": found.count(prompt_language) / len(found),
-                             "languages": {str(k): found.count(k) for k in sorted(
-                                 set(found), key=str)},
-                             "examples": replies[:3]})
+                found[lang, s] = (replies, [identify(r) for r in replies])
     finally:
         llm.close()
-    return {"kind": "control_vector_effect", "language": language,
-            "prompt_language": prompt_language, "n_prompts": len(ids),
-            "max_new_tokens": max_new_tokens, "gguf_model": str(gguf_model),
-            "layers": sorted(directions), "rows": rows,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    seconds = round(time.perf_counter() - t0, 3)
+    out = {}
+    for lang, directions in vectors.items():
+        rows = []
+        for key in [(None, 0.0)] + [(lang, s) for s in steered]:
+            replies, langs = found[key]
+            rows.append({"scale": key[1],
+                         "share_in_language": langs.count(lang) / len(langs),
+                         "share_in_prompt_language": langs.count(prompt_language) / len(langs),
+                         "languages": {str(k): langs.count(k) for k in sorted(
+                             set(langs), key=str)},
+                         "examples": replies[:3]})
+        out[lang] = {"kind": "control_vector_effect", "language": lang,
+                     "prompt_language": prompt_language, "n_prompts": len(ids),
+                     "max_new_tokens": max_new_tokens, "gguf_model": str(gguf_model),
+                     "layers": sorted(directions), "rows": rows, "seconds": seconds}
+    return out

@@ -17,7 +17,8 @@ controlvector``, ``controlvector.model_hint`` (the base's GGUF architecture),
 - ``export_control_vector``: write the file; ``read_control_vector``: read one back.
 - ``verify_control_vector``: llama.cpp with the vector vs transformers with the same vector
   added by forward hooks (limits: ``parity.thresholds.THRESHOLDS["control_vector"]``).
-- ``control_vector_effect``: share of replies in the language at several scales.
+- ``control_vector_effect``: share of replies in the language at several scales
+  (``control_vector_effects``: several vectors, one model load, the unsteered replies once).
 (The engines' work is in ``adapters._cv_check``.)
 """
 
@@ -45,8 +46,9 @@ from lens_merge.progress import NULL, Progress
 # replies to English prompts into the language, and 0.5 breaks the text.
 DEFAULT_SCALES = (0.05, 0.1, 0.2)
 
-__all__ = ["ControlVector", "control_vector_effect", "default_layers", "export_control_vector",
-           "parse_layers", "read_control_vector", "verify_control_vector"]
+__all__ = ["ControlVector", "control_vector_effect", "control_vector_effects", "default_layers",
+           "export_control_vector", "parse_layers", "read_control_vector",
+           "verify_control_vector"]
 
 
 def default_layers(n_layers: int) -> tuple[int, int]:
@@ -273,6 +275,50 @@ def control_vector_effect(
     from lens_merge.files import write_json_atomic
 
     cv = read_control_vector(cv_path)
+    lang = _effect_language(cv, cv_path, language)
+    res = language_share(gguf_model, cv.directions, lang, scales=scales,
+                         checkpoint=checkpoint, prompt_language=prompt_language,
+                         n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                         n_threads=n_threads, progress=progress)
+    res["control_vector"] = str(cv_path)
+    if out is not None:
+        write_json_atomic(out, res)
+    return res
+
+
+def control_vector_effects(
+    gguf_model: str | Path,
+    cv_paths: dict[str, str | Path],
+    *,
+    scales: tuple[float, ...] = DEFAULT_SCALES,
+    checkpoint: str | Path | None = None,
+    prompt_language: str = "en",
+    n_prompts: int | None = None,
+    max_new_tokens: int = 32,
+    n_threads: int = 2,
+    progress: Progress = NULL,
+) -> dict[str, dict[str, Any]]:
+    """``control_vector_effect`` of several vectors ``{language: file}`` on one base, with one
+    model load and the replies without a vector generated once (they are the same for all).
+
+    Returns:
+        ``{language: control_vector_effect's dict}``.
+    """
+    from lens_merge.adapters._cv_check import language_shares
+
+    vectors = {}
+    for lang, path in cv_paths.items():
+        cv = read_control_vector(path)
+        vectors[_effect_language(cv, path, lang)] = cv.directions
+    res = language_shares(gguf_model, vectors, scales=scales, checkpoint=checkpoint,
+                          prompt_language=prompt_language, n_prompts=n_prompts,
+                          max_new_tokens=max_new_tokens, n_threads=n_threads,
+                          progress=progress)
+    return {lang: {**r, "control_vector": str(cv_paths[lang])} for lang, r in res.items()}
+
+
+def _effect_language(cv: ControlVector, cv_path: str | Path, language: str | None) -> str:
+    """The language whose share a vector's effect counts (given, or the file's own)."""
     lang = language or cv.meta.get("lens_merge.language")
     if not lang:
         raise AdapterError(f"{cv_path}: records no language; pass language=")
@@ -281,11 +327,4 @@ def control_vector_effect(
     if lang not in DEFAULT_LANGUAGES:
         raise AdapterError(f"the reply-language effect can be measured for "
                            f"{', '.join(DEFAULT_LANGUAGES)} (lens.langid), not {lang!r}")
-    res = language_share(gguf_model, cv.directions, str(lang), scales=scales,
-                         checkpoint=checkpoint, prompt_language=prompt_language,
-                         n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-                         n_threads=n_threads, progress=progress)
-    res["control_vector"] = str(cv_path)
-    if out is not None:
-        write_json_atomic(out, res)
-    return res
+    return str(lang)

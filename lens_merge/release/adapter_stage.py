@@ -117,7 +117,7 @@ def _control_vectors(ctx: Context, cfg: Any) -> tuple[list, dict]:
     on the base f16 GGUF, and for each the share of replies in its language measured at
     ``effect_scales`` (written to ``report/control_vector_effect.json``)."""
     from lens_merge.adapters.control_vector import (
-        control_vector_effect,
+        control_vector_effects,
         export_control_vector,
         verify_control_vector,
     )
@@ -140,11 +140,10 @@ def _control_vectors(ctx: Context, cfg: Any) -> tuple[list, dict]:
         ctx.recipe.base, base_gguf, paths[lang], languages=["en", lang],
         prompts_per_language=2, raise_on_failure=False, progress=ctx.progress)]
     if cfg.effect_scales:
-        effect = {lang: control_vector_effect(
-            base_gguf, paths[lang], lang, scales=tuple(cfg.effect_scales),
-            checkpoint=ctx.recipe.base, n_prompts=cfg.effect_prompts,
-            max_new_tokens=cfg.effect_tokens, progress=ctx.progress)
-            for lang in langs}
+        effect = control_vector_effects(
+            base_gguf, paths, scales=tuple(cfg.effect_scales), checkpoint=ctx.recipe.base,
+            n_prompts=cfg.effect_prompts, max_new_tokens=cfg.effect_tokens,
+            progress=ctx.progress)
         write_json_atomic(ctx.p("cv_effect"), {"kind": "control_vector_effect",
                                                "scales": list(cfg.effect_scales),
                                                "languages": effect})

@@ -207,6 +207,32 @@ def test_effect_report(setup):
 
 
 @requires_llama
+def test_effects_of_several_vectors_equal_each_alone(setup):
+    """One load for several vectors: the unsteered replies are made once and every language's
+    table equals the one its vector gets alone."""
+    from lens_merge.adapters.control_vector import (
+        control_vector_effect,
+        control_vector_effects,
+        export_control_vector,
+    )
+
+    c = setup("llama")
+    paths = {lang: c["w"] / f"{lang}-many.gguf" for lang in ("zh", "es")}
+    for lang, path in paths.items():
+        export_control_vector(c["sub"], path, lang, overwrite=True)
+    kw = {"scales": (1.0, 50.0), "n_prompts": 3, "max_new_tokens": 6, "checkpoint": c["src"],
+          "n_threads": 1}
+    many = control_vector_effects(c["gguf"], paths, **kw)
+    assert list(many) == ["zh", "es"]
+    for lang, path in paths.items():
+        alone = control_vector_effect(c["gguf"], path, **kw)
+        assert many[lang]["rows"] == alone["rows"]
+        assert many[lang]["language"] == lang and many[lang]["control_vector"] == str(path)
+    assert many["zh"]["rows"][0] == {**many["es"]["rows"][0], "share_in_language":
+                                     many["zh"]["rows"][0]["share_in_language"]}
+
+
+@requires_llama
 def test_cli_export_verify_effect(setup, tmp_path):
     from typer.testing import CliRunner
 
