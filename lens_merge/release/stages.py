@@ -257,7 +257,7 @@ def _gguf_run(ctx: Context) -> dict:
     for stale in out_dir.glob("*.gguf"):
         if stale.name not in wanted:
             stale.unlink()
-    reports, numbers, failed, reference = [], {}, None, {}
+    reports, numbers, failed, reference = [], {}, None, _references(ctx)
     for t in g.outtypes:
         path = out_dir / gguf_file_name(ctx.model_name, t)
         export_gguf(ctx.p("model"), path, outtype=t, tokenizer_pre=g.tokenizer_pre,
@@ -278,6 +278,15 @@ def _gguf_run(ctx: Context) -> dict:
     return numbers
 
 
+def _references(ctx: Context):
+    """transformers' side of the folded model's parity checks, kept under the work dir by the
+    model's hash: the GGUF check runs it, the ONNX check (and reruns) read it."""
+    from lens_merge.parity.reference import References
+
+    key = ctx.out_hash("fold")[:16]
+    return References(ctx.p("model"), ctx.p("work") / "reference" / key if key else None)
+
+
 def _onnx_inputs(ctx: Context) -> dict:
     o = ctx.recipe.export.onnx
     return {"model": ctx.out_hash("fold"), "onnx": o.model_dump() if o else None,
@@ -295,7 +304,7 @@ def _onnx_run(ctx: Context) -> dict:
         return {}
     res = _checked(ctx.p("onnx_verify"), lambda: verify_onnx(
         ctx.p("model"), ctx.p("onnx"), languages=ctx.recipe.languages, tolerance=o.tolerance,
-        progress=ctx.progress))
+        progress=ctx.progress, reference=_references(ctx)))
     m = res.reports[0].metrics
     return {"max_abs_logit_diff": m.get("max_abs_logit_diff"),
             "generation_match": m.get("generation_match")}

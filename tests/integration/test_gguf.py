@@ -291,8 +291,9 @@ def test_export_reads_back_and_runs_in_llama_cpp(family, tiny, tmp_path):
     if not _have_llama():
         pytest.skip("needs llama-cpp-python: pip install '.[llama]'")
     from lens_merge.export.gguf import verify_gguf
+    from lens_merge.parity.reference import References
 
-    reference: dict = {}
+    reference = References(src, tmp_path / "reference")
     v = verify_gguf(src, out, prompts=PROMPTS, max_new_tokens=8, reference=reference)
     assert v.passed, v.failures
     assert v.kind == "gguf" and v.variant == "f32" and v.subject == str(out)
@@ -310,11 +311,15 @@ def test_export_reads_back_and_runs_in_llama_cpp(family, tiny, tmp_path):
     assert v.per_language["custom"]["n_prompts"] == 2
     assert [c.name for c in v.checks] == ["max_abs_logit_diff", "top1_agreement",
                                           "generation_match"]  # THRESHOLDS["gguf"]["f32"]
-    # a second output type of the same checkpoint reuses transformers' side
-    assert len(reference) == len(PROMPTS)
+    # a second output type of the same checkpoint reuses transformers' side, and so does a
+    # later check that reads it from the folder
+    assert reference.computed == len(PROMPTS)
     again = verify_gguf(src, out, prompts=PROMPTS, max_new_tokens=8, reference=reference)
-    assert len(reference) == len(PROMPTS)
+    assert reference.computed == len(PROMPTS)
     assert again.metrics["max_abs_logit_diff"] == m["max_abs_logit_diff"]
+    read = References(src, tmp_path / "reference")
+    third = verify_gguf(src, out, prompts=PROMPTS, max_new_tokens=8, reference=read)
+    assert read.computed == 0 and third.metrics == m
     assert [r["transformers"] for r in again.details["prompts"]] == [
         r["transformers"] for r in v.details["prompts"]]
 

@@ -352,6 +352,16 @@ def test_other_architectures_export_and_verify(family, tiny_model, tiny_tokenize
     else:
         assert rep["generations_equal"] == 2 and rep["generations_tie_excused"] == 0
     assert onnx_verification_status(out) == "passed"
+    if family == "qwen3":  # transformers' side kept in a folder: a second check reads it
+        from lens_merge.parity.reference import References
+
+        first = References(src, tmp_path / "reference")
+        verify_onnx(src, out, **FAST, reference=first)
+        again = References(src, tmp_path / "reference")
+        second = verify_onnx(src, out, **FAST, reference=again)
+        assert first.computed == 2 and again.computed == 0
+        assert second.reports[0]["max_abs_logit_diff"] == rep["max_abs_logit_diff"]
+        assert second.reports[0]["generations"] == rep["generations"]
 
 
 def test_cli_qwen2_failure_exit_then_pass(tiny_model, tmp_path):

@@ -60,6 +60,9 @@ def test_run_all_stages_then_skip_then_force(tmp_path, tiny_model):
     assert fold_set.reports[0].metrics["max_abs_logit_diff"] <= 1e-4
     gguf_set = read_record(root / "report/gguf_verify.json", ParitySet)
     assert [r.variant for r in gguf_set.reports] == ["f32"] and gguf_set.passed
+    # transformers' side of the checks, kept by the folded model's hash for the ONNX check
+    kept = list((root / ".work/reference").glob("*/*.safetensors"))
+    assert len(kept) == gguf_set.reports[0].n_prompts == len(LANGS)
     # the manifest lists what the stages wrote, and nothing else
     import lens_merge.release.manifest as manifest
     from lens_merge.records import ReleaseLayout

@@ -4,10 +4,13 @@ greedy decoding, chat template rendering) and transformers' greedy reference.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lens_merge.parity.reference import generation_eos
+
+__all__ = ["chat_template_match", "gguf_facts", "generation_eos", "hf_greedy", "llama_greedy"]
 
 
 def gguf_facts(llm) -> dict[str, Any]:
@@ -47,19 +50,6 @@ def llama_greedy(llm, ids: list[int], max_new: int, eos: set[int]) -> list[int]:
             break
         llm.eval([nxt])
     return new
-
-
-def generation_eos(checkpoint: Path) -> list[int]:
-    """The eos ids of the checkpoint's generation config (what transformers stops on)."""
-    from transformers import GenerationConfig
-
-    try:
-        eos = GenerationConfig.from_pretrained(str(checkpoint)).eos_token_id
-    except OSError:  # no generation_config.json: transformers falls back to the model config
-        import json
-
-        eos = json.loads((checkpoint / "config.json").read_text()).get("eos_token_id")
-    return eos if isinstance(eos, list) else [eos] if eos is not None else []
 
 
 def _cut(tokens: list[int], eos: set[int]) -> list[int]:

@@ -24,12 +24,12 @@ from lens_merge.export.gguf._engines import (
     chat_template_match,
     generation_eos,
     gguf_facts,
-    hf_greedy,
     llama_greedy,
 )
 from lens_merge.export.gguf._quantize import require_llama_cpp
 from lens_merge.parity.metrics import GenerationTally, first_mismatch, max_abs_diff, top1_same
 from lens_merge.parity.prompts import parity_prompts
+from lens_merge.parity.reference import References
 from lens_merge.parity.thresholds import THRESHOLDS, checks_for, thresholds_for
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import now_iso
@@ -67,7 +67,7 @@ def verify_gguf(
     prompts_per_language: int = 1,
     raise_on_failure: bool = True,
     n_threads: int = 2,
-    reference: dict | None = None,
+    reference: References | None = None,
 ) -> ParityReport:
     """Compare a GGUF in llama.cpp (CPU) with the checkpoint in transformers.
 
@@ -83,9 +83,9 @@ def verify_gguf(
         prompts_per_language: default prompts per language.
         raise_on_failure: raise VerificationError when the report fails.
         n_threads: llama.cpp CPU threads.
-        reference: a dict shared by calls on the same checkpoint: transformers' logits and
-            greedy tokens are kept there per prompt, so verifying several output types of
-            one checkpoint runs the reference model once.
+        reference: transformers' side of ``checkpoint`` (``parity.reference.References``),
+            shared by calls on the same checkpoint, so verifying several output types (and
+            the ONNX export) runs the reference model once per prompt; None: a fresh one.
 
     Returns:
         A ``ParityReport``: kind ``gguf``, variant the output type; metrics
@@ -134,9 +134,12 @@ def verify_gguf(
         limits = _limits(outtype, facts["file_type"], gguf_path)
         eos = {i for i in (tok.eos_token_id, facts["eos"], facts["eot"]) if isinstance(i, int)}
         eos |= set(generation_eos(checkpoint))
-        total, per_lang, rows = _compare(llm, tok, checkpoint, encoded, max_new_tokens, eos,
-                                         templated, {} if reference is None else reference,
-                                         progress, gguf_path.name)
+        refs = References(checkpoint) if reference is None else reference
+        try:
+            total, per_lang, rows = _compare(llm, tok, encoded, max_new_tokens, eos,
+                                             templated, refs, progress, gguf_path.name)
+        finally:
+            refs.close()  # the model, not the references
     finally:
         llm.close()
     template_match = chat_template_match(tok, facts["chat_template"])
@@ -155,26 +158,15 @@ def verify_gguf(
     return report
 
 
-def _compare(llm, tok, checkpoint: Path, encoded: list, max_new_tokens: int, eos: set[int],
-             templated: bool, reference: dict, progress: Progress, label: str
+def _compare(llm, tok, encoded: list, max_new_tokens: int, eos: set[int], templated: bool,
+             refs: References, progress: Progress, label: str
              ) -> tuple[GenerationTally, dict[str, GenerationTally], list[dict[str, Any]]]:
     """Run every prompt through both engines; returns the totals, per language, and rows."""
-    import torch
-
-    from lens_merge.models import load_model
-
-    model = None
     total, per_lang, rows = GenerationTally(), {}, []
     with progress.task(f"verify {label}", total=len(encoded)) as task:
         for lang, text, shown, ids in encoded:
-            key = (str(checkpoint), tuple(ids), max_new_tokens, tuple(sorted(eos)))
-            if key not in reference:
-                if model is None:
-                    model = load_model(checkpoint, dtype="fp32")
-                with torch.inference_mode():
-                    logits = model(torch.tensor([ids])).logits[0].float().numpy()
-                reference[key] = (logits, hf_greedy(model, ids, max_new_tokens, eos))
-            ref, hf_gen = reference[key]
+            g = refs.get(ids, max_new_tokens, eos)
+            ref, hf_gen = g.logits.numpy(), g.tokens
             llm.reset()
             llm.eval(ids)
             got = np.asarray(llm.scores[:len(ids)], dtype=np.float32)

@@ -165,17 +165,6 @@ class Reference:
     steps: Any
 
 
-def reference(pt: Any, lang: str, enc: dict[str, Any], max_new: int, eos: list[int],
-              pad: int) -> Reference:
-    """Run one prompt through the transformers model: logits and a greedy continuation."""
-    import torch
-
-    with torch.inference_mode():
-        ref = pt(**enc).logits[0].float()
-    tokens, steps = greedy(pt, enc, max_new, eos, pad)
-    return Reference(lang, enc, enc["input_ids"][0].tolist(), ref, tokens, steps)
-
-
 def check_prompt(t: Tally, r: Reference, fp: Any, dtype: str, tolerance: float | None,
                  max_new: int, eos: list[int], pad: int) -> float:
     """Compare one prompt's reference with the fp graph; returns its max |logit diff|."""

@@ -16,13 +16,13 @@ from typing import Any
 from lens_merge.errors import VerificationError
 from lens_merge.export.onnx._compare import (
     TOLERANCES,
+    Reference,
     Tally,
     check_int8,
     check_prompt,
     encode,
     geometry_problem,
     load_ort,
-    reference,
 )
 from lens_merge.export.onnx._record import (
     GRAPH,
@@ -36,6 +36,7 @@ from lens_merge.export.onnx._record import (
 from lens_merge.export.onnx.compat import require_optimum
 from lens_merge.files import write_json_atomic
 from lens_merge.parity.prompts import parity_prompts
+from lens_merge.parity.reference import References, generation_eos
 from lens_merge.parity.thresholds import checks_for, thresholds_for
 from lens_merge.progress import NULL, Progress
 from lens_merge.provenance import now_iso
@@ -59,6 +60,7 @@ def verify_onnx(
     progress: Progress = NULL,
     prompts_per_language: int = 1,
     raise_on_failure: bool = True,
+    reference: References | None = None,
 ) -> ParitySet:
     """Compare an ONNX export in ONNX Runtime with the checkpoint in transformers.
 
@@ -81,6 +83,8 @@ def verify_onnx(
         progress: one tick per prompt.
         prompts_per_language: default prompts per language.
         raise_on_failure: raise VerificationError (carrying the ParitySet) on failure.
+        reference: transformers' side of ``checkpoint`` (``parity.reference.References``),
+            shared with other checks of it (the GGUF verification); None: a fresh one.
 
     Returns:
         The ``ParitySet`` (also stored in ``lens_merge_export.json``): the fp graph's report
@@ -93,7 +97,7 @@ def verify_onnx(
     import torch
 
     from lens_merge.memory import release_memory
-    from lens_merge.models import load_model, load_tokenizer, resolve_model
+    from lens_merge.models import load_tokenizer, resolve_model
 
     require_optimum("ONNX verification")
     out = Path(out_dir)
@@ -110,19 +114,21 @@ def verify_onnx(
     # kept), then the fp graph, then the int8 graph
     t = Tally()
     with progress.task("onnx verify", total=(2 + bool(quant)) * len(items)) as bar:
-        pt = load_model(src, "fp32")
-        eos = pt.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id])
+        eos = generation_eos(src) or [tok.eos_token_id]
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        source = References(src) if reference is None else reference
         refs = []
-        for lang, text in items:
-            enc = encode(tok, text)
-            if not torch.equal(enc["input_ids"], encode(tok_ref, text)["input_ids"]):
-                t.tok_mismatch += 1
-            refs.append(reference(pt, lang, enc, max_new_tokens, eos, pad))
-            bar.advance()
-        del pt
-        release_memory()
+        try:
+            for lang, text in items:
+                enc = encode(tok, text)
+                if not torch.equal(enc["input_ids"], encode(tok_ref, text)["input_ids"]):
+                    t.tok_mismatch += 1
+                ids = enc["input_ids"][0].tolist()
+                g = source.get(ids, max_new_tokens, eos)
+                refs.append(Reference(lang, enc, ids, g.logits, g.tokens, g.steps))
+                bar.advance()
+        finally:
+            source.close()  # the model, not the references
         fp = load_ort(out, None)  # what users get from from_pretrained(DIR)
         problems = []
         if fp.path.name != GRAPH:
