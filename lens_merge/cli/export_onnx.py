@@ -64,8 +64,8 @@ def onnx_cmd(
     quantize: Annotated[str | None, typer.Option(
         "--quantize", help="int8: also write model_int8.onnx beside the fp32 graph.")] = None,
     int8_method: Annotated[str, typer.Option(
-        "--int8-method", help="weight_only (8-bit MatMul weights, float activations) or "
-        "dynamic (onnxruntime quantize_dynamic, int8 activations too).")] = "weight_only",
+        "--int8-method", help="weight_only (8-bit MatMulNBits weights, int8 compute) or "
+        "dynamic (onnxruntime quantize_dynamic, per-tensor uint8 activations).")] = "weight_only",
     exporter: Annotated[str, typer.Option(
         "--exporter", help="dynamo (torch's dynamo exporter, weights streamed to "
         "model.onnx_data) or optimum (optimum's main_export; more memory).")] = "dynamo",

@@ -79,7 +79,7 @@ def export_onnx(
         quantize: ``int8`` to also write ``model_int8.onnx`` from the fp32 graph.
         overwrite: replace an existing ``out_dir``.
         progress: one tick per step (check, export, checker, quantize, provenance).
-        int8_method: ``weight_only`` (MatMulNBits 8-bit weights, float activations) or
+        int8_method: ``weight_only`` (MatMulNBits 8-bit weights, int8 compute) or
             ``dynamic`` (``quantize_dynamic``: int8 weights and run-time uint8 activations).
         exporter: ``dynamo`` (torch's dynamo exporter, weights streamed to external data) or
             ``optimum`` (optimum's ``main_export``, TorchScript; about 1 GB more at peak on
