@@ -4,8 +4,8 @@ per-layer directions (``{N: vector}``, added to the output of block N, as llama.
 - ``read_control_vector``: a control vector GGUF read back the way llama.cpp's loader reads it.
 - ``compare_with_hooks``: llama.cpp with the directions applied vs transformers with the same
   directions added by forward hooks on the decoder blocks.
-- ``language_share``: greedy replies in llama.cpp at several scales, and the share of them in
-  a language (``lens.langid.identify``).
+- ``language_shares``: greedy replies in llama.cpp at several scales, and the share of them in
+  each vector's language (``lens.langid.identify``).
 """
 
 from __future__ import annotations
@@ -197,27 +197,6 @@ def compare_with_hooks(
     return report
 
 
-def language_share(
-    gguf_model: str | Path,
-    directions: dict[int, np.ndarray],
-    language: str,
-    *,
-    scales: Sequence[float],
-    checkpoint: str | Path | None = None,
-    prompt_language: str = "en",
-    n_prompts: int | None = None,
-    max_new_tokens: int = 32,
-    n_threads: int = 2,
-    progress: Progress = NULL,
-) -> dict[str, Any]:
-    """Greedy llama.cpp replies to held-out prompts at each scale (0 = no vector first) and the
-    share identified as ``language``; see ``control_vector.control_vector_effect``."""
-    return language_shares(gguf_model, {language: directions}, scales=scales,
-                           checkpoint=checkpoint, prompt_language=prompt_language,
-                           n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-                           n_threads=n_threads, progress=progress)[language]
-
-
 def language_shares(
     gguf_model: str | Path,
     vectors: dict[str, dict[int, np.ndarray]],
@@ -230,8 +209,13 @@ def language_shares(
     n_threads: int = 2,
     progress: Progress = NULL,
 ) -> dict[str, dict[str, Any]]:
-    """``language_share`` of several vectors ``{language: directions}`` with one model load:
-    the replies without a vector (scale 0) are generated once and count for every language.
+    """Greedy llama.cpp replies to held-out prompts at each scale (0 = no vector first) and the
+    share identified as each vector's language, for several vectors ``{language: directions}``
+    with one model load: the replies without a vector are generated once and count for every
+    language; see ``control_vector.control_vector_effects``.
+
+    Returns:
+        ``{language: {"rows": [...], ...}}`` (``control_vector.control_vector_effect``'s dict).
     """
     from lens_merge.data import load_prompts
     from lens_merge.export.gguf._engines import llama_greedy

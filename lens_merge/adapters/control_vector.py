@@ -271,16 +271,13 @@ def control_vector_effect(
     Raises:
         AdapterError: no language given or recorded, one langid cannot identify, a bad file.
     """
-    from lens_merge.adapters._cv_check import language_share
     from lens_merge.files import write_json_atomic
 
-    cv = read_control_vector(cv_path)
-    lang = _effect_language(cv, cv_path, language)
-    res = language_share(gguf_model, cv.directions, lang, scales=scales,
-                         checkpoint=checkpoint, prompt_language=prompt_language,
-                         n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-                         n_threads=n_threads, progress=progress)
-    res["control_vector"] = str(cv_path)
+    lang = _effect_language(read_control_vector(cv_path), cv_path, language)
+    res = control_vector_effects(gguf_model, {lang: cv_path}, scales=scales,
+                                 checkpoint=checkpoint, prompt_language=prompt_language,
+                                 n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                                 n_threads=n_threads, progress=progress)[lang]
     if out is not None:
         write_json_atomic(out, res)
     return res
